@@ -1,0 +1,5 @@
+import sys
+
+from nonn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,138 @@
+"""Atomic artifact writing and hashing: one place for "never leave a half-written file".
+
+Every stage writes through these helpers: data goes to a temporary file in the destination's
+directory, is flushed to disk, then renamed over the destination in one step, so a crash or a
+failed validation leaves the previous artifact intact. Pure standard library (no torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+__all__ = [
+    "ArtifactError",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_directory",
+    "sha256_file",
+    "read_json_artifact",
+]
+
+
+class ArtifactError(ValueError):
+    """An artifact file is missing, corrupt, or of an unexpected format or version."""
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; on success rename it over `dest`, else delete it.
+
+    Use it when a library insists on writing to a path itself (torch.save, np.save, savefig):
+    ``with atomic_path("fan.npy") as tmp: np.save(tmp, w)``.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + dest.suffix, dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `dest` atomically."""
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+    return Path(dest)
+
+
+def atomic_write_text(dest: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` (UTF-8) to `dest` atomically."""
+    return atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+def atomic_write_json(dest: str | os.PathLike[str], obj: Any, indent: int = 2) -> Path:
+    """Serialise `obj` as JSON (sorted keys off, trailing newline) and write it atomically."""
+    return atomic_write_text(dest, json.dumps(obj, indent=indent) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `dest`; on success it replaces `dest` whole.
+
+    A failure inside the block removes the temporary directory and leaves any existing `dest`
+    untouched. With overwrite=False an existing `dest` is an error.
+    """
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} already exists (pass overwrite=True to replace it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_json_artifact(
+    path: str | os.PathLike[str],
+    expected_format: str,
+    validate: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Read a JSON artifact and check its `"format"` field (e.g. "nonn.partition/1").
+
+    Raises ArtifactError naming the path when the file is missing, is not JSON, or has another
+    format; `validate` may raise further ArtifactErrors for the content.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found (expected a {expected_format} JSON file)")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc}); expected a {expected_format} file") from exc
+    if not isinstance(obj, dict) or obj.get("format") != expected_format:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ArtifactError(f"{path}: format is {found!r}, expected {expected_format!r}")
+    if validate is not None:
+        validate(obj)
+    return obj

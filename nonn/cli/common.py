@@ -1,0 +1,34 @@
+"""Argument groups shared by several commands, so every command spells them the same way."""
+
+from __future__ import annotations
+
+import argparse
+
+DATASET_HELP = (
+    "data set: digits (bundled with scikit-learn), mnist, fashion-mnist, cifar10, cifar100, "
+    "or a path to an .npz file with arrays x (N,H,W[,C] or N,C,H,W) and y (N,)"
+)
+
+
+def add_data_args(parser: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    """--dataset and --data-dir, as every command that reads images takes them."""
+    parser.add_argument("--dataset", default=default, required=default is None, help=DATASET_HELP + f" (default: {default})")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory holding a named data set's files (default: the set's standard location, "
+        "e.g. /usr/share/datasets/fashion-mnist)",
+    )
+
+
+def add_torch_device_arg(parser: argparse.ArgumentParser) -> None:
+    """--device for training and evaluation (cpu, cuda, cuda:1, auto)."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: cpu, cuda, cuda:N, or auto (cuda when available) (default: auto)",
+    )
+
+
+def add_seed_arg(parser: argparse.ArgumentParser, default: int = 0) -> None:
+    parser.add_argument("--seed", type=int, default=default, help=f"random seed (default: {default})")

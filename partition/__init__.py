@@ -1,0 +1,1 @@
+"""Teacher activations -> Filter Activation Network (FAN) -> communities -> K filter groups."""

@@ -1,0 +1,46 @@
+"""The package layout and the lean device side."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nonn.cli import main
+
+
+def test_subpackages_map_to_top_level_folders():
+    import nonn.devices
+    import nonn.partition
+    import nonn.runtime
+    import nonn.students
+
+    for mod, folder in [
+        (nonn.partition, "partition"),
+        (nonn.students, "students"),
+        (nonn.runtime, "runtime"),
+        (nonn.devices, "devices"),
+    ]:
+        assert mod.__file__.replace("\\", "/").split("/")[-2] == folder
+
+
+def test_runtime_and_devices_import_without_torch():
+    # torch set to None in sys.modules makes any `import torch` raise ImportError.
+    code = (
+        "import sys, pkgutil, importlib\n"
+        "sys.modules['torch'] = None\n"
+        "import nonn.runtime, nonn.devices\n"
+        "for pkg in (nonn.runtime, nonn.devices):\n"
+        "    for info in pkgutil.iter_modules(pkg.__path__):\n"
+        "        importlib.import_module(pkg.__name__ + '.' + info.name)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_cli_help_lists_pipeline(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "nonn partition" in capsys.readouterr().out
