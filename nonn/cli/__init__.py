@@ -16,7 +16,7 @@ from typing import Sequence
 from nonn import __version__
 
 # Modules under nonn.cli that contribute sub-commands, in --help order.
-COMMAND_MODULES = ("teacher", "partition", "students", "export", "runtime", "fleet")
+COMMAND_MODULES = ("teacher", "partition", "students", "export", "runtime", "fleet", "demo")
 
 EPILOG = """\
 pipeline:
