@@ -1,0 +1,127 @@
+"""`nonn export`, `nonn bundle verify`, `nonn plan`: the deployment bundle and device placement."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write the ONNX deployment bundle (students, head, manifest, Triton repository)",
+        description="Export a students checkpoint to an ONNX bundle: one model per student "
+        "(image -> pooled features) and one for the head (features -> logits). Every model is "
+        "checked against PyTorch with ONNX Runtime; the bundle is written atomically.",
+    )
+    p.add_argument("--students", required=True, help="students checkpoint (nonn.students/1) from `nonn train-students`")
+    p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="static int8 quantization of the students, calibrated on training images")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's default, at least 17)")
+    p.add_argument("--calibration-images", type=int, default=256, help="training images for int8 calibration (default: 256)")
+    p.add_argument("--parity-images", type=int, default=64, help="test images for the ONNX Runtime vs PyTorch parity check (default: 64)")
+    p.add_argument("--eval-images", type=int, default=2000, help="test images for the accuracy report (default: 2000; 0 skips it)")
+    p.add_argument("--data-dir", default=None, help="directory of the checkpoint's data set (default: its standard location)")
+    p.add_argument("--no-overwrite", action="store_true", help="fail if --out exists instead of replacing it")
+    p.set_defaults(func=_export)
+
+    b = subparsers.add_parser("bundle", help="inspect a deployment bundle")
+    bsub = b.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
+    v = bsub.add_parser(
+        "verify",
+        help="re-check a bundle's hashes, schema and model shapes",
+        description="Exit 0 if the bundle is intact; otherwise print every problem and exit 1.",
+    )
+    v.add_argument("bundle", help="bundle directory (or its manifest.json)")
+    v.add_argument("--no-run", action="store_true", help="skip loading the models in ONNX Runtime (hashes and schema only)")
+    v.set_defaults(func=_verify)
+
+    pl = subparsers.add_parser(
+        "plan",
+        help="place students on device profiles; estimate memory, latency, bytes and energy",
+        description="Assign each student of a bundle to a device and compare the fleet with the "
+        "teacher on one device and with a layer-wise model-parallel split of the teacher.",
+    )
+    pl.add_argument("--bundle", required=True, help="bundle directory from `nonn export`")
+    pl.add_argument("--devices", required=True, help="device list, e.g. rpi3b+:4 or rpi4b,jetson-nano (names from the profiles)")
+    pl.add_argument("--profiles", default=None, help="JSON file of extra or overriding device profiles")
+    pl.add_argument("--aggregator", default=None, help="profile of the node that runs the head (default: the first device's kind)")
+    pl.add_argument("--json", dest="json_out", default=None, help="also write the plan as JSON here")
+    pl.set_defaults(func=_plan)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from nonn.students.export import export_from_checkpoint
+
+    if args.calibration_images < 1 or args.parity_images < 1 or args.eval_images < 0:
+        raise ValueError("--calibration-images and --parity-images must be >= 1, --eval-images >= 0")
+    bundle = export_from_checkpoint(
+        args.students,
+        args.out,
+        quantize=args.quantize,
+        opset=args.opset,
+        data_dir=args.data_dir,
+        calibration_count=args.calibration_images,
+        parity_count=args.parity_images,
+        eval_count=args.eval_images,
+        overwrite=not args.no_overwrite,
+        progress=True,
+    )
+    from nonn.runtime.bundle import summarize
+
+    for line in summarize(bundle):
+        print(line)
+    for entry in [*bundle.students, bundle.head]:
+        if entry.parity_max_abs_diff is not None:
+            print(f"  parity {entry.name}: max |onnx - torch| = {entry.parity_max_abs_diff:.2e}")
+    if bundle.quantization:
+        q = bundle.quantization
+        print(
+            f"  int8: students {q['fp32_bytes'] / 1024:.1f} KiB -> {q['int8_bytes'] / 1024:.1f} KiB; "
+            f"accuracy {_pct(q.get('fp32_accuracy'))} -> {_pct(q.get('int8_accuracy'))} on {q.get('eval_images')} test images"
+        )
+    elif bundle.metrics.get("onnx_accuracy") is not None:
+        print(f"  accuracy (ONNX Runtime, {bundle.metrics['eval_images']} test images): {_pct(bundle.metrics['onnx_accuracy'])}")
+    print(f"wrote {Path(args.out)}")
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from nonn.runtime.bundle import verify_bundle
+
+    problems = verify_bundle(args.bundle, check_models=not args.no_run)
+    if problems:
+        for problem in problems:
+            print(f"nonn: bundle verify: {problem}", file=sys.stderr)
+        print(f"nonn: bundle verify: {args.bundle}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    from nonn.runtime.bundle import Bundle, summarize
+
+    for line in summarize(Bundle.load(args.bundle)):
+        print(line)
+    print(f"ok: {args.bundle} verified (schema, sha256{'' if args.no_run else ', model inputs/outputs'})")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from nonn.artifacts import atomic_write_json
+    from nonn.devices.planner import format_plan, plan
+    from nonn.devices.profiles import load_profiles, parse_device_list
+    from nonn.runtime.bundle import Bundle
+
+    profiles = load_profiles(args.profiles)
+    devices = parse_device_list(args.devices, profiles)
+    aggregator = None
+    if args.aggregator is not None:
+        (aggregator,) = parse_device_list(args.aggregator, profiles)
+    result = plan(Bundle.load(args.bundle), devices, aggregator=aggregator)
+    print(format_plan(result))
+    if args.json_out:
+        atomic_write_json(args.json_out, result.to_dict())
+        print(f"wrote {args.json_out}")
+    return 0

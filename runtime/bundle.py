@@ -1,0 +1,626 @@
+"""The deployment bundle: `manifest.json` ("format": "nonn.bundle/1") as typed dataclasses.
+
+A bundle is a directory written by `nonn export`:
+
+    manifest.json          this schema
+    student_0.onnx ...     one model per student: image (N, C, H, W) -> pooled features (N, F_k)
+    head.onnx              concatenated features (N, sum F_k) -> logits (N, classes)
+    triton/<name>/1/model.onnx + config.pbtxt
+                           the students as a Triton-style model repository, so any Open
+                           Inference Protocol server can host them as well as `nonn serve`
+
+Everything here is numpy/standard library (onnxruntime only inside `verify_bundle`'s shape
+check), because devices load bundles without torch. Loading validates the schema and raises
+ArtifactError naming the file and the offending field; `verify_bundle` additionally re-hashes
+every file and checks each ONNX model's inputs/outputs against the manifest.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from nonn.artifacts import ArtifactError, atomic_write_json, read_json_artifact, sha256_file
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "MANIFEST_NAME",
+    "TRITON_DIR",
+    "KSERVE_DATATYPES",
+    "TensorSpec",
+    "ModelEntry",
+    "StudentEntry",
+    "Preprocessing",
+    "LayerSummary",
+    "TeacherSummary",
+    "Bundle",
+    "verify_bundle",
+    "triton_config_pbtxt",
+    "summarize",
+]
+
+BUNDLE_FORMAT = "nonn.bundle/1"
+MANIFEST_NAME = "manifest.json"
+TRITON_DIR = "triton"
+
+# KServe v2 / Open Inference Protocol tensor datatypes and the numpy dtype names they map to.
+KSERVE_DATATYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+# ONNX Runtime's type strings for the same tensors (used by verify_bundle).
+_ORT_TYPES = {f"tensor({v})": k for k, v in KSERVE_DATATYPES.items()}
+_ORT_TYPES.update({"tensor(float)": "FP32", "tensor(double)": "FP64"})
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+# --------------------------------------------------------------------------- schema helpers
+
+
+class _Reader:
+    """Reads typed fields from a JSON object, raising ArtifactError '<file>: <field path>: ...'."""
+
+    def __init__(self, obj: Any, where: str, source: str) -> None:
+        self.source = source
+        self.where = where
+        if not isinstance(obj, dict):
+            self.fail(f"expected an object, got {type(obj).__name__}")
+        self.obj: dict[str, Any] = obj
+
+    def fail(self, message: str, key: str | None = None) -> None:
+        path = self.where + (f".{key}" if key else "") if self.where else (key or "")
+        raise ArtifactError(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+
+    def _get(self, key: str, optional: bool) -> Any:
+        if key not in self.obj or (optional and self.obj[key] is None):
+            if optional:
+                return None
+            self.fail("missing required field", key)
+        return self.obj[key]
+
+    def str(self, key: str, optional: bool = False, pattern: re.Pattern[str] | None = None) -> Any:
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            self.fail(f"expected a non-empty string, got {value!r}", key)
+        if pattern is not None and not pattern.match(value):
+            self.fail(f"{value!r} does not match {pattern.pattern}", key)
+        return value
+
+    def int(self, key: str, optional: bool = False, minimum: int = 0) -> Any:
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(f"expected an integer >= {minimum}, got {value!r}", key)
+        return value
+
+    def float(self, key: str, optional: bool = False) -> Any:
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(f"expected a number, got {value!r}", key)
+        return float(value)
+
+    def list(self, key: str, optional: bool = False) -> Any:
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            self.fail(f"expected a list, got {type(value).__name__}", key)
+        return value
+
+    def int_list(self, key: str, optional: bool = False, minimum: int = 0) -> Any:
+        values = self.list(key, optional)
+        if values is None:
+            return None
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                self.fail(f"item {i}: expected an integer >= {minimum}, got {v!r}", key)
+        return [int(v) for v in values]
+
+    def float_list(self, key: str) -> list[float]:
+        values = self.list(key)
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                self.fail(f"item {i}: expected a number, got {v!r}", key)
+        return [float(v) for v in values]
+
+    def dict(self, key: str, optional: bool = False) -> Any:
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.fail(f"expected an object, got {type(value).__name__}", key)
+        return value
+
+    def sub(self, key: str, optional: bool = False) -> "_Reader | None":
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        return _Reader(value, f"{self.where}.{key}" if self.where else key, self.source)
+
+    def item(self, key: str, index: int) -> "_Reader":
+        value = self.obj[key][index]
+        return _Reader(value, f"{self.where}.{key}[{index}]" if self.where else f"{key}[{index}]", self.source)
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass
+class TensorSpec:
+    """One model input or output: name, shape (-1 = dynamic, the batch), KServe datatype."""
+
+    name: str
+    shape: list[int]
+    datatype: str = "FP32"
+
+    @property
+    def numpy_dtype(self) -> str:
+        return KSERVE_DATATYPES[self.datatype]
+
+    @classmethod
+    def _read(cls, r: _Reader) -> "TensorSpec":
+        shape = r.list("shape")
+        for i, d in enumerate(shape):
+            if isinstance(d, bool) or not isinstance(d, int) or (d < 1 and d != -1):
+                r.fail(f"item {i}: expected a positive size or -1, got {d!r}", "shape")
+        datatype = r.str("datatype")
+        if datatype not in KSERVE_DATATYPES:
+            r.fail(f"{datatype!r} is not a KServe datatype ({', '.join(KSERVE_DATATYPES)})", "datatype")
+        return cls(name=r.str("name"), shape=[int(d) for d in shape], datatype=datatype)
+
+
+@dataclass
+class ModelEntry:
+    """One ONNX model of the bundle (the head, and the common part of every student)."""
+
+    name: str
+    file: str
+    sha256: str
+    input: TensorSpec
+    output: TensorSpec
+    params: int
+    flops: int
+    size_bytes: int = 0
+    precision: str = "fp32"  # "fp32" or "int8" (static QDQ quantization; I/O stay FP32)
+    parity_max_abs_diff: float | None = None  # ONNX Runtime vs PyTorch, measured at export
+
+    @staticmethod
+    def _read_common(r: _Reader) -> dict[str, Any]:
+        file = r.str("file")
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            r.fail(f"{file!r} must be a path relative to the bundle directory", "file")
+        precision = r.str("precision", optional=True) or "fp32"
+        if precision not in ("fp32", "int8"):
+            r.fail(f"expected 'fp32' or 'int8', got {precision!r}", "precision")
+        return dict(
+            name=r.str("name", pattern=_NAME_RE),
+            file=file,
+            sha256=r.str("sha256", pattern=_SHA256_RE),
+            input=TensorSpec._read(r.sub("input")),  # type: ignore[arg-type]
+            output=TensorSpec._read(r.sub("output")),  # type: ignore[arg-type]
+            params=r.int("params"),
+            flops=r.int("flops"),
+            size_bytes=r.int("size_bytes", optional=True) or 0,
+            precision=precision,
+            parity_max_abs_diff=r.float("parity_max_abs_diff", optional=True),
+        )
+
+    @classmethod
+    def _read(cls, r: _Reader) -> "ModelEntry":
+        return cls(**ModelEntry._read_common(r))
+
+
+@dataclass
+class StudentEntry(ModelEntry):
+    """A student: image -> pooled feature vector of `feature_size` floats for filter `group`."""
+
+    feature_size: int = 0
+    group: list[int] = field(default_factory=list)
+    index: int = 0
+    arch: dict[str, Any] | None = None
+
+    @classmethod
+    def _read(cls, r: _Reader) -> "StudentEntry":
+        common = ModelEntry._read_common(r)
+        return cls(
+            **common,
+            feature_size=r.int("feature_size", minimum=1),
+            group=r.int_list("group"),
+            index=r.int("index", optional=True) or 0,
+            arch=r.dict("arch", optional=True),
+        )
+
+
+@dataclass
+class Preprocessing:
+    """How a client turns an image into the students' input: x in [0,1], then (x - mean) / std."""
+
+    mean: list[float]
+    std: list[float]
+    input_shape: list[int]  # (C, H, W)
+    layout: str = "NCHW"
+    pixel_scale: float = 1.0 / 255.0  # multiply raw uint8 pixels by this to get [0, 1]
+
+    @classmethod
+    def _read(cls, r: _Reader) -> "Preprocessing":
+        shape = r.int_list("input_shape", minimum=1)
+        if len(shape) != 3:
+            r.fail(f"expected (C, H, W), got {shape}", "input_shape")
+        mean, std = r.float_list("mean"), r.float_list("std")
+        if len(mean) != shape[0] or len(std) != shape[0]:
+            r.fail(f"mean/std need one value per channel ({shape[0]}), got {len(mean)}/{len(std)}")
+        if any(s <= 0 for s in std):
+            r.fail(f"std must be positive, got {std}", "std")
+        layout = r.str("layout")
+        if layout != "NCHW":
+            r.fail(f"only NCHW is supported, got {layout!r}", "layout")
+        scale = r.float("pixel_scale", optional=True)
+        return cls(mean=mean, std=std, input_shape=shape, layout=layout, pixel_scale=1 / 255 if scale is None else scale)
+
+
+@dataclass
+class LayerSummary:
+    """One teacher layer for the model-parallel comparison: its output activation and cost."""
+
+    name: str
+    output_shape: list[int]  # per image, without the batch dimension
+    flops: int
+    params: int
+
+    @property
+    def output_elements(self) -> int:
+        n = 1
+        for d in self.output_shape:
+            n *= d
+        return n
+
+    @classmethod
+    def _read(cls, r: _Reader) -> "LayerSummary":
+        return cls(
+            name=r.str("name"),
+            output_shape=r.int_list("output_shape", minimum=1),
+            flops=r.int("flops"),
+            params=r.int("params"),
+        )
+
+
+@dataclass
+class TeacherSummary:
+    """The teacher the students replace: size, cost, and its layer-by-layer activations."""
+
+    arch: Any  # arch dict (create_model kwargs), a factory string, or None
+    params: int
+    flops: int
+    input_shape: list[int]
+    layers: list[LayerSummary] = field(default_factory=list)
+    fingerprint: str | None = None
+    feature_layer: str | None = None
+
+    @classmethod
+    def _read(cls, r: _Reader) -> "TeacherSummary":
+        arch = r.obj.get("arch")
+        if arch is not None and not isinstance(arch, (dict, str)):
+            r.fail(f"expected an object, a string or null, got {type(arch).__name__}", "arch")
+        layers = r.list("layers", optional=True) or []
+        return cls(
+            arch=arch,
+            params=r.int("params"),
+            flops=r.int("flops"),
+            input_shape=r.int_list("input_shape", minimum=1),
+            layers=[LayerSummary._read(r.item("layers", i)) for i in range(len(layers))],
+            fingerprint=r.str("fingerprint", optional=True),
+            feature_layer=r.str("feature_layer", optional=True),
+        )
+
+
+@dataclass
+class Bundle:
+    """A loaded, schema-validated bundle manifest plus the directory it lives in."""
+
+    students: list[StudentEntry]
+    head: ModelEntry
+    preprocessing: Preprocessing
+    class_names: list[str]
+    teacher: TeacherSummary | None = None
+    dataset: dict[str, Any] = field(default_factory=dict)
+    partition: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    triton_repository_dir: str | None = TRITON_DIR
+    created: str | None = None
+    nonn_version: str | None = None
+    root: Path = field(default=Path("."), compare=False)
+
+    # ---- access
+
+    @property
+    def num_students(self) -> int:
+        return len(self.students)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def feature_sizes(self) -> list[int]:
+        return [s.feature_size for s in self.students]
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    @property
+    def triton_repository(self) -> Path | None:
+        """The Triton-style model repository holding the students, if the bundle has one."""
+        return None if self.triton_repository_dir is None else self.root / self.triton_repository_dir
+
+    def student(self, name_or_index: str | int) -> StudentEntry:
+        """A student by name ("student_1") or position; KeyError listing the choices if absent."""
+        if isinstance(name_or_index, int) and not isinstance(name_or_index, bool):
+            if not 0 <= name_or_index < len(self.students):
+                raise KeyError(f"student index {name_or_index} out of range: the bundle has {len(self.students)} students")
+            return self.students[name_or_index]
+        for s in self.students:
+            if s.name == name_or_index:
+                return s
+        if isinstance(name_or_index, str) and name_or_index.isdigit():
+            return self.student(int(name_or_index))
+        raise KeyError(f"no student named {name_or_index!r}; the bundle has {', '.join(s.name for s in self.students)}")
+
+    def model(self, name: str) -> ModelEntry:
+        """A student or the head by name."""
+        if name == self.head.name:
+            return self.head
+        return self.student(name)
+
+    def path_of(self, entry: ModelEntry | str) -> Path:
+        """Absolute-ish path of a model's ONNX file (entry or its name)."""
+        if isinstance(entry, str):
+            entry = self.model(entry)
+        return self.root / entry.file
+
+    def triton_model_path(self, entry: StudentEntry | str) -> Path | None:
+        repo = self.triton_repository
+        if repo is None:
+            return None
+        name = entry if isinstance(entry, str) else entry.name
+        return repo / name / "1" / "model.onnx"
+
+    # ---- (de)serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("root")
+        d["triton_repository"] = d.pop("triton_repository_dir")
+        return {"format": BUNDLE_FORMAT, **d}
+
+    def save(self, directory: str | Path | None = None) -> Path:
+        """Validate and write manifest.json atomically into `directory` (default: self.root)."""
+        root = Path(directory) if directory is not None else self.root
+        self.validate(source=str(root / MANIFEST_NAME))
+        return atomic_write_json(root / MANIFEST_NAME, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], root: str | Path = ".", source: str = MANIFEST_NAME) -> "Bundle":
+        """Build from a manifest dict, validating every field (ArtifactError on the first bad one)."""
+        r = _Reader(obj, "", source)
+        if obj.get("format") != BUNDLE_FORMAT:
+            r.fail(f"format is {obj.get('format')!r}, expected {BUNDLE_FORMAT!r}", "format")
+        students_raw = r.list("students")
+        if not students_raw:
+            r.fail("the bundle has no students", "students")
+        students = [StudentEntry._read(r.item("students", i)) for i in range(len(students_raw))]
+        teacher_r = r.sub("teacher", optional=True)
+        class_names = r.list("class_names")
+        if not all(isinstance(c, str) for c in class_names):
+            r.fail("expected a list of strings", "class_names")
+        triton = obj.get("triton_repository", TRITON_DIR)
+        if triton is not None and (not isinstance(triton, str) or Path(triton).is_absolute() or ".." in Path(triton).parts):
+            r.fail(f"expected a relative directory or null, got {triton!r}", "triton_repository")
+        bundle = cls(
+            students=students,
+            head=ModelEntry._read(r.sub("head")),  # type: ignore[arg-type]
+            preprocessing=Preprocessing._read(r.sub("preprocessing")),  # type: ignore[arg-type]
+            class_names=list(class_names),
+            teacher=TeacherSummary._read(teacher_r) if teacher_r is not None else None,
+            dataset=r.dict("dataset", optional=True) or {},
+            partition=r.dict("partition", optional=True),
+            quantization=r.dict("quantization", optional=True),
+            metrics=r.dict("metrics", optional=True) or {},
+            triton_repository_dir=triton,
+            created=r.str("created", optional=True),
+            nonn_version=r.str("nonn_version", optional=True),
+            root=Path(root),
+        )
+        bundle.validate(source=source)
+        return bundle
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Bundle":
+        """Load a bundle directory (or its manifest.json) and validate the schema."""
+        path = Path(path)
+        manifest = path / MANIFEST_NAME if path.is_dir() or not path.suffix else path
+        if not manifest.parent.is_dir():
+            raise ArtifactError(f"{manifest.parent}: bundle directory not found")
+        obj = read_json_artifact(manifest, BUNDLE_FORMAT)
+        return cls.from_dict(obj, root=manifest.parent, source=str(manifest))
+
+    def validate(self, source: str = MANIFEST_NAME) -> None:
+        """Cross-field checks: names unique, groups disjoint, shapes consistent with each other."""
+
+        def fail(msg: str) -> None:
+            raise ArtifactError(f"{source}: {msg}")
+
+        names = [s.name for s in self.students] + [self.head.name]
+        if len(set(names)) != len(names):
+            fail(f"model names must be unique, got {names}")
+        files = [s.file for s in self.students] + [self.head.file]
+        if len(set(files)) != len(files):
+            fail(f"model files must be distinct, got {files}")
+        seen: dict[int, str] = {}
+        image_shape = [-1, *self.preprocessing.input_shape]
+        for i, s in enumerate(self.students):
+            where = f"students[{i}] ({s.name})"
+            if len(s.group) != s.feature_size:
+                fail(f"{where}: group has {len(s.group)} filters but feature_size is {s.feature_size}")
+            for f in s.group:
+                if f in seen:
+                    fail(f"{where}: filter {f} is also in {seen[f]}'s group (groups must be disjoint)")
+                seen[f] = s.name
+            if s.input.shape != image_shape:
+                fail(f"{where}: input shape {s.input.shape} does not match preprocessing {image_shape}")
+            if s.output.shape != [-1, s.feature_size]:
+                fail(f"{where}: output shape {s.output.shape}, expected [-1, {s.feature_size}]")
+        total = sum(self.feature_sizes)
+        if self.head.input.shape != [-1, total]:
+            fail(f"head: input shape {self.head.input.shape}, expected [-1, {total}] (sum of feature sizes)")
+        if self.head.output.shape != [-1, self.num_classes]:
+            fail(f"head: output shape {self.head.output.shape}, expected [-1, {self.num_classes}] (one per class name)")
+        if self.teacher is not None and self.teacher.input_shape != self.preprocessing.input_shape:
+            fail(f"teacher: input shape {self.teacher.input_shape} differs from preprocessing {self.preprocessing.input_shape}")
+
+
+# --------------------------------------------------------------------------- Triton repository
+
+
+def triton_config_pbtxt(entry: ModelEntry, max_batch_size: int = 0) -> str:
+    """A Triton `config.pbtxt` for one ONNX model (batch dim left dynamic in dims when max_batch_size=0)."""
+
+    def dims(spec: TensorSpec) -> str:
+        shape = spec.shape[1:] if max_batch_size > 0 else spec.shape
+        return ", ".join(str(d) for d in shape)
+
+    def tensor(spec: TensorSpec) -> str:
+        return f'  {{\n    name: "{spec.name}"\n    data_type: TYPE_{spec.datatype}\n    dims: [ {dims(spec)} ]\n  }}'
+
+    return (
+        f'name: "{entry.name}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {max_batch_size}\n"
+        f"input [\n{tensor(entry.input)}\n]\n"
+        f"output [\n{tensor(entry.output)}\n]\n"
+    )
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _check_onnx_io(path: Path, entry: ModelEntry) -> list[str]:
+    """Open the model in ONNX Runtime; compare its single input/output with the manifest."""
+    import numpy as np
+    import onnxruntime as ort
+
+    problems: list[str] = []
+    try:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        return [f"{entry.name}: {path} cannot be loaded by ONNX Runtime ({exc})"]
+    for kind, actual, spec in (("input", session.get_inputs(), entry.input), ("output", session.get_outputs(), entry.output)):
+        if len(actual) != 1:
+            problems.append(f"{entry.name}: model has {len(actual)} {kind}s, expected 1 ({spec.name})")
+            continue
+        arg = actual[0]
+        shape = [d if isinstance(d, int) and d > 0 else -1 for d in arg.shape]
+        if arg.name != spec.name:
+            problems.append(f"{entry.name}: {kind} is named {arg.name!r} in the model, {spec.name!r} in the manifest")
+        if shape != spec.shape:
+            problems.append(f"{entry.name}: {kind} shape is {shape} in the model, {spec.shape} in the manifest")
+        if _ORT_TYPES.get(arg.type) != spec.datatype:
+            problems.append(f"{entry.name}: {kind} type is {arg.type} in the model, {spec.datatype} in the manifest")
+    if problems:
+        return problems
+    # Run two zero images/vectors: the output must really have the declared shape.
+    probe_shape = [2 if d == -1 else d for d in entry.input.shape]
+    try:
+        (out,) = session.run([entry.output.name], {entry.input.name: np.zeros(probe_shape, dtype=entry.input.numpy_dtype)})
+    except Exception as exc:
+        return [f"{entry.name}: running the model on a {probe_shape} input failed ({exc})"]
+    expected = [2 if d == -1 else d for d in entry.output.shape]
+    if list(out.shape) != expected:
+        problems.append(f"{entry.name}: model returns shape {list(out.shape)} for a batch of 2, manifest says {entry.output.shape}")
+    return problems
+
+
+def verify_bundle(path: str | Path, check_models: bool = True) -> list[str]:
+    """Every problem with a bundle (empty list when it is good).
+
+    Checks the manifest schema, each file's presence and sha256, each ONNX model's input/output
+    names, shapes and types against the manifest (and a probe run, when `check_models`), and that
+    the Triton repository's copies and configs match the students.
+    """
+    try:
+        bundle = Bundle.load(path)
+    except ArtifactError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    entries: list[ModelEntry] = [*bundle.students, bundle.head]
+    for entry in entries:
+        file = bundle.path_of(entry)
+        if not file.is_file():
+            problems.append(f"{entry.name}: file {file} is missing")
+            continue
+        digest = sha256_file(file)
+        if digest != entry.sha256:
+            problems.append(f"{entry.name}: {file} has sha256 {digest}, manifest says {entry.sha256} (file changed or corrupt)")
+            continue
+        if entry.size_bytes and file.stat().st_size != entry.size_bytes:
+            problems.append(f"{entry.name}: {file} is {file.stat().st_size} bytes, manifest says {entry.size_bytes}")
+        if check_models:
+            problems.extend(_check_onnx_io(file, entry))
+    repo = bundle.triton_repository
+    if repo is not None:
+        for s in bundle.students:
+            model = bundle.triton_model_path(s)
+            assert model is not None
+            config = model.parent.parent / "config.pbtxt"
+            if not model.is_file():
+                problems.append(f"{s.name}: Triton repository model {model} is missing")
+            elif sha256_file(model) != s.sha256:
+                problems.append(f"{s.name}: Triton repository model {model} differs from {s.file} (sha256 mismatch)")
+            if not config.is_file():
+                problems.append(f"{s.name}: Triton repository config {config} is missing")
+            elif f'name: "{s.name}"' not in config.read_text(encoding="utf-8"):
+                problems.append(f"{s.name}: {config} does not name model {s.name!r}")
+    return problems
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def summarize(bundle: Bundle) -> list[str]:
+    """Human-readable lines describing a bundle (for `nonn bundle verify` and logs)."""
+    lines = [
+        f"bundle {bundle.root}: {bundle.num_students} students, {bundle.num_classes} classes, "
+        f"input {bundle.preprocessing.input_shape}, precision {', '.join(_unique(s.precision for s in bundle.students))}"
+    ]
+    for s in bundle.students:
+        lines.append(
+            f"  {s.name}: {s.file} {s.size_bytes / 1024:.1f} KiB, {s.params:,} params, {s.flops:,} FLOPs, "
+            f"{s.feature_size} features"
+        )
+    h = bundle.head
+    lines.append(f"  {h.name}: {h.file} {h.size_bytes / 1024:.1f} KiB, {h.params:,} params, {sum(bundle.feature_sizes)} -> {bundle.num_classes}")
+    return lines
