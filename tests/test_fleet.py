@@ -1,0 +1,173 @@
+"""Network emulation (delay model, link relay) and the local fleet of device server processes."""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from nonn.devices.netem import (
+    ClientDelayNetwork,
+    LinkModel,
+    LinkRelay,
+    NamespaceNetwork,
+    NetworkEmulation,
+    _LinkDirection,
+    choose_network,
+    free_port,
+    netns_unavailable_reason,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# --------------------------------------------------------------------------- delay model
+
+
+def test_link_model_call_time_is_latency_plus_bytes_over_bandwidth():
+    link = LinkModel(bandwidth_mbps=8.0, latency_ms=20.0)
+    # 8 Mbit/s = 1 byte per microsecond: 1000 + 3000 bytes take 4 ms on top of the 20 ms round trip.
+    assert link.call_time_s(1000, 3000) == pytest.approx(0.024)
+    assert LinkModel(bandwidth_mbps=None, latency_ms=5.0).call_time_s(10**9, 10**9) == pytest.approx(0.005)
+    lossy = LinkModel(bandwidth_mbps=8.0, latency_ms=20.0, loss=0.01)
+    # 1 + 3 segments, 1% each, each loss costs 200 ms + one round trip.
+    assert lossy.call_time_s(1000, 3000) == pytest.approx(0.024 + 4 * 0.01 * 0.220)
+    assert lossy.call_time_s(1000, 3000, expected_loss=False) == pytest.approx(0.024)
+
+
+def test_link_model_rejects_bad_figures():
+    with pytest.raises(ValueError, match="loss"):
+        LinkModel(loss=1.5)
+    with pytest.raises(ValueError, match="latency_ms"):
+        LinkModel(latency_ms=-1)
+
+
+def test_link_model_from_profile_reads_object_or_dict():
+    class Link:
+        bandwidth_mbps, latency_ms, loss = 50.0, 3.0, 0.001
+
+    class Profile:
+        link = Link()
+
+    assert LinkModel.from_profile(Profile()) == LinkModel(50.0, 3.0, 0.001)
+    assert LinkModel.from_profile({"link": None}) == LinkModel()
+    assert LinkModel.from_profile({"bandwidth_mbps": 10, "latency_ms": 1}) == LinkModel(10.0, 1.0, 0.0)
+    assert LinkModel(10.0, 4.0, 0.02).netem_args() == ["netem", "delay", "2.000ms", "rate", "10000kbit", "loss", "2.0000%"]
+
+
+def test_link_direction_queues_chunks_fifo_and_charges_lost_segments():
+    link = LinkModel(bandwidth_mbps=8.0, latency_ms=10.0)
+    d = _LinkDirection(link, random.Random(0))
+    # Two 1000-byte chunks handed over at t=0: the second waits for the first (1 ms each).
+    assert d.schedule(1000, 0.0) == pytest.approx(0.001 + 0.005)
+    assert d.schedule(1000, 0.0) == pytest.approx(0.002 + 0.005)
+    # An idle link later: no queueing.
+    assert d.schedule(1000, 1.0) == pytest.approx(1.006)
+
+    class AlwaysLose(random.Random):
+        def random(self) -> float:
+            return 0.0
+
+    lossy = _LinkDirection(LinkModel(bandwidth_mbps=None, latency_ms=10.0, loss=0.5), AlwaysLose())
+    # 3000 bytes = 3 segments, all lost: 3 retransmission timeouts of 210 ms.
+    assert lossy.schedule(3000, 0.0) == pytest.approx(0.005 + 3 * 0.210)
+    assert lossy.lost_segments == 3
+
+
+def _rpc_server() -> tuple[socket.socket, int]:
+    """A tiny request/response server: reads a length-prefixed request, answers `reply` bytes."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+
+            def handle(conn: socket.socket = conn) -> None:
+                with conn:
+                    while True:
+                        head = conn.recv(8, socket.MSG_WAITALL)
+                        if len(head) < 8:
+                            return
+                        n, reply = struct.unpack("!II", head)
+                        got = 0
+                        while got < n:
+                            chunk = conn.recv(n - got)
+                            if not chunk:
+                                return
+                            got += len(chunk)
+                        conn.sendall(b"r" * reply)
+
+            threading.Thread(target=handle, daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+def _call(sock: socket.socket, request: int, reply: int) -> float:
+    t0 = time.perf_counter()
+    sock.sendall(struct.pack("!II", request, reply) + b"q" * request)
+    got = 0
+    while got < reply:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "connection closed"
+        got += len(chunk)
+    return time.perf_counter() - t0
+
+
+def test_link_relay_delays_calls_as_the_model_says():
+    srv, port = _rpc_server()
+    link = LinkModel(bandwidth_mbps=4.0, latency_ms=30.0)
+    relay = LinkRelay(("127.0.0.1", port), link).start()
+    try:
+        direct = socket.create_connection(("127.0.0.1", port))
+        via = socket.create_connection(("127.0.0.1", relay.port))
+        with direct, via:
+            for request, reply in [(10, 10), (20000, 400)]:
+                base = min(_call(direct, request, reply) for _ in range(2))
+                expected = link.call_time_s(request + 8, reply)
+                measured = min(_call(via, request, reply) for _ in range(2))
+                assert measured >= expected * 0.97, (request, measured, expected)
+                assert measured <= expected + base + 0.05, (request, measured, expected)
+        stats = relay.stats()
+        assert stats["bytes_up"] == 2 * (18 + 20008) and stats["bytes_down"] == 2 * (10 + 400)
+    finally:
+        relay.stop()
+        srv.close()
+
+
+def test_link_relay_closes_client_when_device_is_down():
+    dead_port = free_port()
+    relay = LinkRelay(("127.0.0.1", dead_port), LinkModel(latency_ms=1.0)).start()
+    try:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+            s.sendall(b"hello")
+            assert s.recv(10) == b""  # closed at once, not left hanging
+    finally:
+        relay.stop()
+
+
+def test_choose_network_modes():
+    links = [LinkModel(10.0, 2.0), LinkModel(20.0, 4.0)]
+    assert choose_network("none", links).mode == "none"
+    delay = choose_network("delay", links)
+    assert isinstance(delay, ClientDelayNetwork) and delay.describe()["model"]
+    auto = choose_network("auto", links)
+    why_not = netns_unavailable_reason()
+    if why_not is None:
+        assert isinstance(auto, NamespaceNetwork)
+    else:
+        assert isinstance(auto, ClientDelayNetwork) and why_not in auto.reason
+        with pytest.raises(ValueError, match="netns is not possible"):
+            choose_network("netns", links)
+    with pytest.raises(ValueError, match="not one of"):
+        choose_network("wifi", links)
+    assert isinstance(NetworkEmulation(links).server_port(0), int)
