@@ -1,0 +1,82 @@
+"""One ONNX model in an ONNX Runtime session, checked against its expected sha256 first.
+
+The file is read once; the hash is taken over exactly the bytes the session is built from, so a
+file swapped between the check and the load cannot slip through. Thread counts default to one
+intra-op thread: a device runs one student and shares its few cores with the gRPC server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from nonn.artifacts import ArtifactError
+from nonn.runtime.codec import TensorSpec, datatype_from_onnx
+
+__all__ = ["ModelIntegrityError", "OnnxModel"]
+
+
+class ModelIntegrityError(ArtifactError):
+    """The model file's sha256 does not match the manifest: it was modified or replaced."""
+
+
+def _spec(node: ort.NodeArg) -> TensorSpec:
+    # Symbolic or unknown dimensions (strings, None) are dynamic: -1 on the wire.
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+    return TensorSpec(node.name, datatype_from_onnx(node.type), shape)
+
+
+class OnnxModel:
+    """An ONNX Runtime session over one model file, with its inputs and outputs as TensorSpecs."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threads: int = 1,
+        expected_sha256: str | None = None,
+        memory_arena: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: ONNX model file not found")
+        data = self.path.read_bytes()
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        if expected_sha256 is not None and self.sha256 != expected_sha256.strip().lower():
+            raise ModelIntegrityError(
+                f"{self.path}: sha256 is {self.sha256} but the manifest expects "
+                f"{expected_sha256.strip().lower()}; the model was modified or replaced, refusing to load it"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # A small device: no busy-waiting worker threads, no arena that only ever grows.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.enable_cpu_mem_arena = memory_arena
+        try:
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for bad graphs
+            raise ArtifactError(f"{self.path}: not a loadable ONNX model ({exc})") from exc
+        self.threads = threads
+        self.inputs: list[TensorSpec] = [_spec(node) for node in self.session.get_inputs()]
+        self.outputs: list[TensorSpec] = [_spec(node) for node in self.session.get_outputs()]
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the model; returns {output name: array} for `outputs` (default: all)."""
+        names = list(outputs) if outputs is not None else [spec.name for spec in self.outputs]
+        results = self.session.run(names, dict(feeds))
+        return dict(zip(names, results))
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({str(self.path)!r}, inputs={self.inputs}, outputs={self.outputs})"
