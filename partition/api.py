@@ -1,0 +1,103 @@
+"""The partitioner end to end: FAN -> communities -> groups -> Partition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+
+from .artifact import Partition
+from .communities import fan_graph, find_communities, modularity_of
+from .fan import build_fan, validate_fan
+from .grouping import STRATEGIES, make_groups
+
+if TYPE_CHECKING:  # torch only when activations are collected
+    from torch import nn
+
+__all__ = ["partition_fan", "partition_model", "ModelPartition"]
+
+
+def partition_fan(
+    fan: np.ndarray,
+    num_students: int,
+    *,
+    strategy: str = "balanced",
+    resolution: float = 0.7,
+    percentile: float = 99.0,
+    seed: int = 0,
+    tolerance: float = 0.25,
+    layer: str | None = None,
+    teacher: dict[str, Any] | None = None,
+    extra_params: dict[str, Any] | None = None,
+) -> Partition:
+    """Group the FAN's filters into `num_students` groups (NONN.md section 2).
+
+    strategy: "balanced" (every filter used, sizes within `tolerance` of C/K) or "paper" (the
+    prototype's rule, drops the largest cluster). resolution / percentile / seed: Louvain
+    resolution, edge-threshold percentile of the non-zero weights, Louvain seed.
+    extra_params (e.g. top_k used to build the FAN) are recorded in partition.params.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown grouping strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
+    w = validate_fan(fan)
+    found = find_communities(w, resolution=resolution, percentile=percentile, seed=seed)
+    peak = w.max()
+    normalised = w / peak if peak > 0 else w
+    groups = make_groups(strategy, found.communities, num_students, weights=normalised, tolerance=tolerance)
+    params: dict[str, Any] = dict(extra_params or {})
+    params.update({"percentile": float(percentile), "resolution": float(resolution)})
+    if strategy == "balanced":
+        params["tolerance"] = float(tolerance)
+    stats = found.stats()
+    stats["group_modularity"] = modularity_of(fan_graph(found.thresholded), groups)
+    return Partition(
+        num_filters=int(w.shape[0]),
+        groups=groups,
+        strategy=strategy,
+        params=params,
+        modularity=found.modularity,
+        seed=int(seed),
+        layer=layer,
+        teacher=teacher,
+        stats=stats,
+    )
+
+
+@dataclass
+class ModelPartition:
+    """Everything `partition_model` computed: the artifact and the arrays behind it."""
+
+    partition: Partition
+    fan: np.ndarray
+    activations: np.ndarray
+
+
+def partition_model(
+    model: "nn.Module",
+    layer: str,
+    loader: Iterable[Any],
+    num_students: int,
+    *,
+    top_k: int = 50,
+    device: str = "cpu",
+    progress: bool = True,
+    teacher: dict[str, Any] | None = None,
+    **options: Any,
+) -> ModelPartition:
+    """Collect `layer`'s activations over `loader`, build the FAN, and partition it.
+
+    options go to `partition_fan` (strategy, resolution, percentile, seed, tolerance,
+    extra_params).
+    """
+    from .activations import collect_activations
+
+    activations = collect_activations(model, layer, loader, device=device, progress=progress)
+    fan = build_fan(activations, top_k=top_k)
+    extra = dict(options.pop("extra_params", None) or {})
+    extra.setdefault("top_k", int(top_k))
+    extra.setdefault("images", int(activations.shape[0]))
+    partition = partition_fan(
+        fan, num_students, layer=layer, teacher=teacher, extra_params=extra, **options
+    )
+    return ModelPartition(partition=partition, fan=fan, activations=activations)
