@@ -1,0 +1,513 @@
+"""The aggregator: fan one request out to the K student devices, concatenate, apply the head.
+
+Each request goes to every device concurrently over asyncio gRPC (`grpc.aio`) as a plain Open
+Inference Protocol ModelInfer call, so any compliant server (nonn's own, Triton) can host a
+student. Per device: a deadline for the whole exchange, retries with backoff on UNAVAILABLE, and
+a check of the reply's name, datatype and shape. The pooled feature vectors are concatenated in
+group order (student 0 first) and the head runs locally in ONNX Runtime.
+
+Degraded mode (the default): a device that is down, too slow or answers badly contributes zeros,
+which is what student-dropout training prepares the head for, and the result says which devices
+contributed. Strict mode raises AggregationError instead. Bytes sent and received are counted
+per device per request as serialized protobuf message sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from nonn.runtime.aioloop import LoopThread
+from nonn.runtime.codec import TensorError, TensorSpec, bytes_per_item, check_shape, decode_output
+from nonn.runtime.onnx_model import OnnxModel
+from nonn.runtime.server import DEFAULT_MAX_BATCH, BackendUnavailable, InferOutput, ModelBackend
+from nonn.runtime.tls import ClientTLS
+
+__all__ = [
+    "AggregationError",
+    "StudentRoute",
+    "EnsembleSpec",
+    "AggregateResult",
+    "Aggregator",
+    "AggregatorBackend",
+    "parse_endpoints",
+    "preprocess_images",
+]
+
+log = logging.getLogger(__name__)
+
+_MESSAGE_SLACK = 1 << 20
+
+
+class AggregationError(RuntimeError):
+    """Too few devices answered (any missing one in strict mode); names each device's problem."""
+
+
+@dataclass(frozen=True)
+class StudentRoute:
+    """What the aggregator needs to call one student: its model name and tensor specs."""
+
+    name: str
+    input: TensorSpec
+    output: TensorSpec
+
+    @property
+    def feature_size(self) -> int:
+        return self.output.shape[-1]
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """The students (in group order) and the head model: everything taken from a bundle."""
+
+    students: tuple[StudentRoute, ...]
+    head_path: Path
+    head_sha256: str | None = None
+    class_names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_bundle(cls, bundle: Any) -> "EnsembleSpec":
+        """From a nonn.runtime.bundle.Bundle (or a path to one)."""
+        if isinstance(bundle, (str, os.PathLike)):
+            from nonn.runtime.bundle import Bundle
+
+            bundle = Bundle.load(bundle)
+        routes = tuple(
+            StudentRoute(
+                name=s.name,
+                input=TensorSpec(s.input.name, s.input.datatype, tuple(s.input.shape)),
+                output=TensorSpec(s.output.name, s.output.datatype, tuple(s.output.shape)),
+            )
+            for s in bundle.students
+        )
+        return cls(routes, Path(bundle.path_of(bundle.head)), bundle.head.sha256, tuple(bundle.class_names))
+
+
+def parse_endpoints(endpoints: str | Sequence[str] | Mapping[str, str], names: Sequence[str]) -> list[str]:
+    """One "host:port" per student, in student order, from a comma list, a list or {name: endpoint}."""
+    if isinstance(endpoints, str):
+        endpoints = [e.strip() for e in endpoints.split(",") if e.strip()]
+    if isinstance(endpoints, Mapping):
+        missing = [n for n in names if n not in endpoints]
+        if missing:
+            raise ValueError(f"no endpoint for student(s) {missing}; got endpoints for {sorted(endpoints)}")
+        endpoints = [endpoints[n] for n in names]
+    endpoints = list(endpoints)
+    if len(endpoints) != len(names):
+        raise ValueError(
+            f"{len(endpoints)} device endpoint(s) for {len(names)} students ({', '.join(names)}); "
+            "give one host:port per student, in student order"
+        )
+    for endpoint in endpoints:
+        host, sep, port = endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"device endpoint {endpoint!r} is not host:port (e.g. 192.168.1.20:8001)")
+    return endpoints
+
+
+def preprocess_images(images: np.ndarray, mean: Sequence[float], std: Sequence[float], input_shape: Sequence[int], pixel_scale: float = 1 / 255) -> np.ndarray:
+    """Images -> the students' input: float32 NCHW, (x - mean) / std per channel.
+
+    Accepts (N, C, H, W), (N, H, W, C), or (N, H, W) for one channel; uint8 pixels are scaled by
+    `pixel_scale` first, float images are taken to be in [0, 1] already.
+    """
+    c, h, w = (int(d) for d in input_shape)
+    x = np.asarray(images)
+    if x.ndim == 3 and c == 1 and x.shape[1:] == (h, w):
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[1:] != (c, h, w) and x.shape[1:] == (h, w, c):
+        x = x.transpose(0, 3, 1, 2)
+    if x.ndim != 4 or x.shape[1:] != (c, h, w):
+        raise ValueError(f"images have shape {list(x.shape)}; expected (N, {c}, {h}, {w}), (N, {h}, {w}, {c})" + (f" or (N, {h}, {w})" if c == 1 else ""))
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) * np.float32(pixel_scale)
+    elif x.dtype.kind != "f":
+        raise ValueError(f"images have dtype {x.dtype}; expected uint8 pixels or floats in [0, 1]")
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(1, c, 1, 1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(1, c, 1, 1)
+    return np.ascontiguousarray((x.astype(np.float32) - mean_a) / std_a)
+
+
+@dataclass
+class AggregateResult:
+    """One aggregated answer: logits plus, per device, whether it contributed and what it cost."""
+
+    logits: np.ndarray
+    contributed: list[bool]
+    bytes_sent: list[int]
+    bytes_received: list[int]
+    latency_s: float
+    device_latency_s: list[float | None]
+    attempts: list[int]
+    errors: list[str | None]
+    devices: list[str] = field(default_factory=list)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    @property
+    def degraded(self) -> bool:
+        return not all(self.contributed)
+
+    def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "predictions": self.predictions.tolist(),
+            "logits": self.logits.tolist(),
+            "degraded": self.degraded,
+            "latency_ms": self.latency_s * 1e3,
+            "devices": [
+                {
+                    "endpoint": endpoint,
+                    "contributed": ok,
+                    "bytes_sent": sent,
+                    "bytes_received": received,
+                    "latency_ms": None if lat is None else lat * 1e3,
+                    "attempts": attempts,
+                    "error": error,
+                }
+                for endpoint, ok, sent, received, lat, attempts, error in zip(
+                    self.devices, self.contributed, self.bytes_sent, self.bytes_received,
+                    self.device_latency_s, self.attempts, self.errors,
+                )
+            ],
+        }  # fmt: skip
+        if class_names:
+            out["labels"] = [class_names[i] for i in out["predictions"]]
+        return out
+
+
+@dataclass
+class _DeviceOutcome:
+    features: np.ndarray | None
+    bytes_sent: int
+    bytes_received: int
+    latency_s: float | None
+    attempts: int
+    error: str | None
+
+
+class Aggregator:
+    """Serve the ensemble by fanning requests out to K devices and applying the head locally.
+
+    `bundle`: a Bundle, a bundle directory, or an EnsembleSpec. `endpoints`: one "host:port"
+    per student in student order (list or comma string) or {student name: endpoint}.
+    `deadline_s` bounds each device's exchange (all retries included), `retries` is the number of
+    extra attempts after UNAVAILABLE. `strict` turns a missing device into AggregationError;
+    otherwise fewer than `min_contributing` devices is the only failure.
+
+    Async use: ``async with Aggregator(...) as agg: result = await agg.infer(batch)``.
+    Sync use: ``with Aggregator(...) as agg: result = agg.infer_sync(batch)`` (a private event
+    loop thread carries the gRPC channels).
+    """
+
+    def __init__(
+        self,
+        bundle: Any,
+        endpoints: str | Sequence[str] | Mapping[str, str],
+        deadline_s: float = 1.0,
+        retries: int = 2,
+        strict: bool = False,
+        tls: ClientTLS | None = None,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        head_threads: int = 1,
+        backoff_s: float = 0.02,
+        min_contributing: int = 1,
+    ) -> None:
+        self.spec = bundle if isinstance(bundle, EnsembleSpec) else EnsembleSpec.from_bundle(bundle)
+        if not self.spec.students:
+            raise ValueError("the ensemble has no students")
+        self.routes = list(self.spec.students)
+        self.endpoints = parse_endpoints(endpoints, [r.name for r in self.routes])
+        if deadline_s <= 0:
+            raise ValueError(f"deadline_s must be positive, got {deadline_s}")
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, got {retries}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if not 0 <= min_contributing <= len(self.routes):
+            raise ValueError(f"min_contributing must be in 0..{len(self.routes)}, got {min_contributing}")
+        self.deadline_s = float(deadline_s)
+        self.retries = int(retries)
+        self.strict = bool(strict)
+        self.tls = tls
+        self.max_batch = int(max_batch)
+        self.backoff_s = float(backoff_s)
+        self.min_contributing = int(min_contributing)
+
+        first = self.routes[0].input
+        for route in self.routes[1:]:
+            if route.input.shape != first.shape or route.input.datatype != first.datatype:
+                raise ValueError(
+                    f"students disagree on the input: {self.routes[0].name} takes {first}, {route.name} takes {route.input}"
+                )
+        for route in self.routes:
+            if route.output.shape[1:] and (len(route.output.shape) != 2 or route.output.shape[1] < 1):
+                raise ValueError(f"student {route.name}: output shape {list(route.output.shape)} is not (batch, features)")
+        self.input_spec = first
+        self.head = OnnxModel(self.spec.head_path, threads=head_threads, expected_sha256=self.spec.head_sha256)
+        if len(self.head.inputs) != 1 or len(self.head.outputs) != 1:
+            raise ValueError(f"{self.spec.head_path}: the head must have one input and one output")
+        self.head_input = self.head.inputs[0]
+        self.head_output = self.head.outputs[0]
+        total = sum(route.feature_size for route in self.routes)
+        if self.head_input.shape[-1] not in (-1, total):
+            raise ValueError(
+                f"{self.spec.head_path}: head takes {self.head_input.shape[-1]} features, "
+                f"but the students produce {total} in all"
+            )
+        self.feature_total = total
+        self.class_names = list(self.spec.class_names)
+
+        item = bytes_per_item(first) or (64 << 20)
+        self.max_message_bytes = item * self.max_batch + _MESSAGE_SLACK
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._calls: list[Any] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: LoopThread | None = None
+        self._ids = itertools.count()
+
+    # -- connection life cycle ---------------------------------------------------------------
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        options = [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            # Notice a restarted device quickly instead of waiting out gRPC's default backoff.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.enable_retries", 0),
+        ]
+        if self.tls is not None:
+            return grpc.aio.secure_channel(target, self.tls.credentials(), options + self.tls.channel_options())
+        return grpc.aio.insecure_channel(target, options)
+
+    async def start(self) -> None:
+        """Open one channel per distinct endpoint on the running loop (idempotent)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not None:
+            if self._loop is not loop:
+                raise RuntimeError("this Aggregator's channels belong to another event loop")
+            return
+        self._loop = loop
+        for endpoint in dict.fromkeys(self.endpoints):
+            self._channels[endpoint] = self._channel(endpoint)
+        self._calls = [
+            service_pb2_grpc.GRPCInferenceServiceStub(self._channels[endpoint]).ModelInfer for endpoint in self.endpoints
+        ]
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        self._calls = []
+        self._loop = None
+
+    async def __aenter__(self) -> "Aggregator":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def check_devices(self, timeout_s: float | None = None) -> list[str]:
+        """Ask every device for its model's metadata; list every mismatch with this ensemble."""
+        await self.start()
+        timeout_s = self.deadline_s if timeout_s is None else timeout_s
+
+        async def one(k: int) -> list[str]:
+            route, endpoint = self.routes[k], self.endpoints[k]
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channels[endpoint])
+            try:
+                meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=route.name), timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                return [f"{route.name} at {endpoint}: {exc.code().name}: {exc.details()}"]
+            problems = []
+            for kind, want, got in (("input", route.input, meta.inputs), ("output", route.output, meta.outputs)):
+                specs = [TensorSpec.from_metadata(t) for t in got]
+                if want not in specs:
+                    problems.append(f"{route.name} at {endpoint}: expected {kind} {want.to_dict()}, device has {[s.to_dict() for s in specs]}")
+            return problems
+
+        results = await asyncio.gather(*(one(k) for k in range(len(self.routes))))
+        return [problem for problems in results for problem in problems]
+
+    # -- inference ---------------------------------------------------------------------------
+    def _validate(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch)
+        if batch.dtype != self.input_spec.dtype:
+            if batch.dtype.kind not in "fiu":
+                raise ValueError(f"batch has dtype {batch.dtype}; expected {self.input_spec.datatype} numbers")
+            batch = batch.astype(self.input_spec.dtype)
+        try:
+            check_shape(self.input_spec, batch.shape, self.max_batch)
+        except TensorError as exc:
+            raise ValueError(str(exc)) from None
+        return np.ascontiguousarray(batch)
+
+    def _features(self, route: StudentRoute, reply: pb.ModelInferResponse, batch_size: int) -> np.ndarray:
+        """The reply's feature tensor, checked against the route (TensorError when it is wrong)."""
+        for index, tensor in enumerate(reply.outputs):
+            if tensor.name == route.output.name:
+                break
+        else:
+            raise TensorError(f"reply has no output {route.output.name!r} (outputs: {[t.name for t in reply.outputs]})")
+        if tensor.datatype != route.output.datatype:
+            raise TensorError(f"output {tensor.name!r} has datatype {tensor.datatype}, expected {route.output.datatype}")
+        expected = [batch_size, route.feature_size]
+        if list(tensor.shape) != expected:
+            raise TensorError(f"output {tensor.name!r} has shape {list(tensor.shape)}, expected {expected}")
+        raws = reply.raw_output_contents
+        return decode_output(tensor, raws[index] if index < len(raws) else None)
+
+    async def _call_device(self, k: int, shape: tuple[int, ...], raw: bytes, request_id: str) -> _DeviceOutcome:
+        route = self.routes[k]
+        request = pb.ModelInferRequest(model_name=route.name, id=request_id)
+        request.inputs.add(name=route.input.name, datatype=route.input.datatype, shape=shape)
+        request.outputs.add(name=route.output.name)
+        request.raw_input_contents.append(raw)
+        size = request.ByteSize()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.deadline_s
+        sent = received = attempts = 0
+        error: str | None = None
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                error = error or f"DEADLINE_EXCEEDED: no answer within {self.deadline_s:g} s"
+                break
+            attempts += 1
+            sent += size
+            try:
+                reply = await self._calls[k](request, timeout=remaining)
+            except grpc.aio.AioRpcError as exc:
+                error = f"{exc.code().name}: {exc.details()}"
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and attempts <= self.retries:
+                    pause = min(self.backoff_s * 2 ** (attempts - 1), deadline - loop.time())
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                    continue
+                break
+            received += reply.ByteSize()
+            try:
+                features = self._features(route, reply, shape[0])
+            except TensorError as exc:
+                error = f"bad reply: {exc}"
+                break
+            return _DeviceOutcome(features, sent, received, loop.time() - started, attempts, None)
+        return _DeviceOutcome(None, sent, received, None, attempts, error)
+
+    async def infer(self, batch: np.ndarray) -> AggregateResult:
+        """Run one batch (already preprocessed, shape of the students' input) through the ensemble."""
+        await self.start()
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError("this Aggregator's channels belong to another event loop")
+        batch = self._validate(batch)
+        started = time.perf_counter()
+        raw = batch.tobytes()
+        request_id = str(next(self._ids))
+        outcomes = await asyncio.gather(
+            *(self._call_device(k, batch.shape, raw, request_id) for k in range(len(self.routes)))
+        )
+        contributed = [o.features is not None for o in outcomes]
+        missing = [f"{r.name} at {e}: {o.error}" for r, e, o in zip(self.routes, self.endpoints, outcomes) if o.features is None]
+        if missing and (self.strict or sum(contributed) < self.min_contributing):
+            why = "strict mode" if self.strict else f"fewer than {self.min_contributing} device(s) answered"
+            raise AggregationError(f"{why}: " + "; ".join(missing))
+        dtype = self.head_input.dtype
+        parts = [
+            o.features.astype(dtype, copy=False) if o.features is not None else np.zeros((batch.shape[0], r.feature_size), dtype)
+            for r, o in zip(self.routes, outcomes)
+        ]
+        head_in = np.concatenate(parts, axis=1)
+        logits = self.head.run({self.head_input.name: head_in})[self.head_output.name]
+        if missing:
+            log.debug("degraded answer: %s", "; ".join(missing))
+        return AggregateResult(
+            logits=logits,
+            contributed=contributed,
+            bytes_sent=[o.bytes_sent for o in outcomes],
+            bytes_received=[o.bytes_received for o in outcomes],
+            latency_s=time.perf_counter() - started,
+            device_latency_s=[o.latency_s for o in outcomes],
+            attempts=[o.attempts for o in outcomes],
+            errors=[o.error for o in outcomes],
+            devices=list(self.endpoints),
+        )
+
+    # -- synchronous facade ------------------------------------------------------------------
+    def _background(self) -> LoopThread:
+        if self._thread is None:
+            if self._loop is not None:
+                raise RuntimeError("this Aggregator is already in use on an event loop; call `await infer()` there")
+            self._thread = LoopThread(name="nonn-aggregator")
+        return self._thread
+
+    def infer_sync(self, batch: np.ndarray) -> AggregateResult:
+        """Blocking infer() for synchronous callers (runs on a private event loop thread)."""
+        return self._background().run(self.infer(batch))
+
+    def check_devices_sync(self, timeout_s: float | None = None) -> list[str]:
+        return self._background().run(self.check_devices(timeout_s))
+
+    def close_sync(self) -> None:
+        if self._thread is not None:
+            self._thread.run(self.close())
+            self._thread.stop()
+            self._thread = None
+
+    def __enter__(self) -> "Aggregator":
+        self._background().run(self.start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close_sync()
+
+
+class AggregatorBackend(ModelBackend):
+    """The whole ensemble as one served model: image in, logits out, on the same protocol.
+
+    Response parameters say which devices contributed ("contributed": "1,1,0,1", "degraded").
+    """
+
+    platform = "nonn_ensemble"
+
+    def __init__(self, aggregator: Aggregator, name: str = "ensemble") -> None:
+        if not name:
+            raise ValueError("a served model needs a non-empty name")
+        self.aggregator = aggregator
+        self.name = name
+        self.inputs = [aggregator.input_spec]
+        out = aggregator.head_output
+        classes = aggregator.head_output.shape[-1]
+        self.outputs = [TensorSpec(out.name, out.datatype, (-1, classes))]
+        self.max_batch = aggregator.max_batch
+
+    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> InferOutput:
+        try:
+            result = await self.aggregator.infer(inputs[self.inputs[0].name])
+        except AggregationError as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        return InferOutput(
+            {self.outputs[0].name: result.logits},
+            {
+                "contributed": ",".join("1" if ok else "0" for ok in result.contributed),
+                "degraded": result.degraded,
+            },
+        )
+
+    async def close(self) -> None:
+        await self.aggregator.close()
