@@ -1,0 +1,112 @@
+"""`nonn train-teacher` and `nonn eval-teacher`: thin wrappers over nonn.students.teacher."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from nonn.cli import CLIError
+from nonn.cli.common import DATASET_HELP, add_data_args, add_seed_arg, add_torch_device_arg
+
+TRAIN_EPILOG = """\
+examples:
+  nonn train-teacher --dataset fashion-mnist --arch wrn-16-2 --epochs 30 --out runs/fmnist/teacher.pt \\
+      --log runs/fmnist/teacher.jsonl
+  # after a crash or kill, the same command with --resume continues exactly where it stopped
+  nonn train-teacher --dataset fashion-mnist --arch wrn-16-2 --epochs 30 --out runs/fmnist/teacher.pt --resume
+  nonn train-teacher --dataset digits --arch cnn-small --epochs 2 --limit 256 --out /tmp/t.pt --overwrite
+
+The checkpoint (format nonn.teacher/1) is written atomically after every epoch; the log has one
+JSON object per epoch: epoch, train_loss, train_acc, test_loss, test_acc, lr, seconds.
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train-teacher",
+        help="train a teacher CNN with SGD (resumable, checkpoint every epoch)",
+        description="Train a teacher CNN from the model zoo on an image data set.",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_data_args(train)
+    train.add_argument("--arch", default="wrn-16-2", help="model name: wrn-D-K (D = 6n + 4) or cnn-small (default: wrn-16-2)")
+    train.add_argument("--width", type=_positive_int, default=None, help="base width of the model (WRN default 16, cnn-small 32)")
+    train.add_argument("--dropout", type=float, default=None, help="dropout inside each block / before the classifier (default: none)")
+    train.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train (default: 10)")
+    train.add_argument("--batch-size", type=_positive_int, default=128, help="mini-batch size (default: 128)")
+    train.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate (default: 0.1)")
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    train.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default: 5e-4)")
+    train.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum (default: on)")
+    train.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
+                       help="per-epoch learning-rate schedule: cosine to zero, or step (x0.2 at 30/60/80%% of the epochs) (default: cosine)")
+    add_seed_arg(train)
+    add_torch_device_arg(train)
+    train.add_argument("--out", required=True, help="checkpoint file to write (e.g. runs/fmnist/teacher.pt)")
+    train.add_argument("--resume", action="store_true", help="continue the run saved in --out (same settings required)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --out instead of refusing")
+    train.add_argument("--log", default=None, help="JSON-lines file with one record per epoch")
+    train.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images of each split (quick trials)")
+    train.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=run_train_teacher)
+
+    evaluate = subparsers.add_parser(
+        "eval-teacher",
+        help="test accuracy of a teacher (nonn checkpoint or bring-your-own module)",
+        description="Evaluate a teacher on the test split of a data set and print JSON.",
+    )
+    evaluate.add_argument("--teacher", default=None, help="nonn teacher checkpoint (nonn.teacher/1)")
+    evaluate.add_argument("--teacher-factory", default=None, help="package.module:function returning your nn.Module")
+    evaluate.add_argument("--weights", default=None, help="state_dict file (or nonn checkpoint) for --teacher-factory")
+    evaluate.add_argument("--dataset", default=None, help=DATASET_HELP + " (default: the one the teacher was trained on)")
+    evaluate.add_argument("--data-dir", default=None, help="directory holding a named data set's files")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="batch size (default: 256)")
+    evaluate.add_argument("--limit", type=_positive_int, default=None, help="only the first N test images")
+    add_torch_device_arg(evaluate)
+    evaluate.set_defaults(func=run_eval_teacher)
+
+
+def run_train_teacher(args: argparse.Namespace) -> int:
+    from nonn.students.teacher import TeacherConfig, train_teacher
+
+    arch_kwargs = {k: v for k, v in (("width", args.width), ("dropout", args.dropout)) if v is not None}
+    config = TeacherConfig(
+        dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, arch_kwargs=arch_kwargs, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        nesterov=args.nesterov, schedule=args.schedule, seed=args.seed, device=args.device, out=args.out,
+        resume=args.resume, overwrite=args.overwrite, log=args.log, limit=args.limit, threads=args.threads,
+        progress=not args.no_progress,
+    )
+    checkpoint = train_teacher(config)
+    m = checkpoint["metrics"]
+    print(f"{args.out}: {checkpoint['arch']['name']} ({m['params']:,} parameters), epoch {checkpoint['epoch']}/{args.epochs}, "
+          f"test accuracy {m['test_acc']:.4f}, test loss {m['test_loss']:.4f}, {m['train_seconds']:.0f} s training")
+    return 0
+
+
+def run_eval_teacher(args: argparse.Namespace) -> int:
+    from nonn.students.data import load_dataset
+    from nonn.students.loader import make_loader
+    from nonn.students.teacher import evaluate, load_teacher, resolve_device
+
+    if (args.teacher is None) == (args.teacher_factory is None):
+        raise CLIError("give exactly one of --teacher CHECKPOINT or --teacher-factory package.module:function")
+    device = resolve_device(args.device)
+    teacher = load_teacher(args.teacher, factory=args.teacher_factory, weights=args.weights, map_location=device)
+    dataset_name = args.dataset or (teacher.dataset or {}).get("name")
+    if dataset_name is None:
+        raise CLIError("--dataset is required: the teacher does not record which data set it was trained on")
+    dataset = load_dataset(dataset_name, args.data_dir)
+    result = evaluate(teacher.model, make_loader(dataset, "test", args.batch_size, train=False, limit=args.limit), device)
+    print(json.dumps({"dataset": dataset.name, "test_loss": result["loss"], "test_acc": result["acc"],
+                      "params": teacher.params, "fingerprint": teacher.fingerprint}))
+    return 0

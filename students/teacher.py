@@ -1,0 +1,442 @@
+"""Teacher training (SGD recipe, exact resume) and loading a teacher: nonn's own or any nn.Module.
+
+Checkpoint format ``"nonn.teacher/1"`` (a dict that loads with ``torch.load(weights_only=True)``):
+
+- ``arch``: ``create_model`` arguments (name, num_classes, in_channels, kwargs);
+- ``state_dict``: model weights (CPU tensors); ``feature_layer``, ``num_features``, ``params``;
+- ``dataset``: ``ImageDataset.meta()`` (name, input_shape, classes, mean, std);
+- ``epoch`` (completed epochs), ``optimizer``, ``scheduler``, ``rng`` (torch CPU/CUDA and the
+  batch loader's generator), so ``--resume`` continues exactly where a killed run stopped;
+- ``config`` (:class:`TeacherConfig` as a dict), ``history`` (one record per epoch, the same
+  records as the JSON-lines log), ``metrics`` (the last epoch's figures).
+
+A checkpoint is written atomically after every epoch; the log is rewritten from ``history``
+with it, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nonn.artifacts import ArtifactError, atomic_write_text, sha256_file
+from nonn.students.checkpoint import load_checkpoint, load_torch_file, save_checkpoint
+from nonn.students.data import ImageDataset, load_dataset
+from nonn.students.loader import BatchLoader, make_loader
+from nonn.students.models import count_parameters, create_model
+
+__all__ = [
+    "TEACHER_FORMAT",
+    "TeacherConfig",
+    "LoadedTeacher",
+    "train_teacher",
+    "evaluate",
+    "resolve_device",
+    "load_teacher",
+    "load_factory",
+]
+
+TEACHER_FORMAT = "nonn.teacher/1"
+SCHEDULES = ("cosine", "step")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherConfig:
+    """Everything that defines a teacher training run.
+
+    ``limit`` caps the images of each split (for quick trials); ``threads`` sets torch's
+    intra-op threads. ``device``, ``out``, ``resume``, ``overwrite``, ``log``, ``threads`` and
+    ``progress`` may change between a run and its resume; everything else must not.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    arch: str = "wrn-16-2"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    schedule: str = "cosine"
+    seed: int = 0
+    device: str = "auto"
+    out: str = "teacher.pt"
+    resume: bool = False
+    overwrite: bool = False
+    log: str | None = None
+    limit: int | None = None
+    threads: int | None = None
+    progress: bool = True
+
+    # Fields allowed to differ between a run and its resume.
+    RUNTIME_FIELDS = ("data_dir", "device", "out", "resume", "overwrite", "log", "threads", "progress")
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr == 0:
+            raise ValueError("lr must be > 0")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov momentum needs momentum > 0 (pass --no-nesterov or --momentum 0.9)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise ValueError(f"limit must be a positive number of images, got {self.limit!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda'/'cuda:N' must really be available."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {spec!r}: expected cpu, cuda, cuda:N or auto") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} requested but CUDA is not available here (use --device cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type not in ("cpu", "mps"):
+        raise ValueError(f"unsupported device {spec!r}: expected cpu, cuda, cuda:N or auto")
+    return device
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Mean cross-entropy loss and top-1 accuracy of ``model`` over ``loader`` (eval mode)."""
+    device = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    model.train(was_training)
+    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TeacherConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: cosine to zero, or x0.2 at 30 %, 60 % and 80 % of the epochs (WRN)."""
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    milestones = sorted({max(1, round(config.epochs * f)) for f in (0.3, 0.6, 0.8)})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.2)
+
+
+def _check_resumable(checkpoint: dict[str, Any], config: TeacherConfig, dataset: ImageDataset, path: Path) -> None:
+    saved = checkpoint.get("config", {})
+    current = config.to_dict()
+    diffs = [
+        f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
+        for key in current
+        if key not in TeacherConfig.RUNTIME_FIELDS and saved.get(key) != current[key]
+    ]
+    saved_data = checkpoint.get("dataset", {})
+    for key in ("input_shape", "num_classes", "mean", "std"):
+        if saved_data.get(key) != dataset.meta()[key]:
+            diffs.append(f"dataset {key}: checkpoint {saved_data.get(key)!r}, now {dataset.meta()[key]!r}")
+    if diffs:
+        raise ValueError(
+            f"cannot resume {path}: it was trained with different settings ({'; '.join(diffs)}); "
+            "use the original settings, or a new --out (or --overwrite) to start afresh"
+        )
+
+
+def _write_log(path: str | None, history: list[dict[str, Any]]) -> None:
+    if path:
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in history))
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def train_teacher(config: TeacherConfig) -> dict[str, Any]:
+    """Train (or resume training) a teacher as ``config`` says; returns the final checkpoint dict.
+
+    Deterministic on CPU for a given seed: two epochs in one go give the same weights as one
+    epoch, a kill, and ``resume=True`` for the second.
+    """
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    out = Path(config.out)
+    dataset = load_dataset(config.dataset, config.data_dir)
+
+    checkpoint: dict[str, Any] | None = None
+    if out.exists():
+        if config.resume:
+            checkpoint = load_checkpoint(out, TEACHER_FORMAT)
+            _check_resumable(checkpoint, config, dataset, out)
+        elif not config.overwrite:
+            raise FileExistsError(f"{out} already exists: pass --resume to continue that run or --overwrite to replace it")
+    elif config.resume:
+        log.warning("no checkpoint at %s yet: starting from scratch", out)
+
+    torch.manual_seed(config.seed)
+    c, _, _ = dataset.input_shape
+    model = create_model(config.arch, num_classes=dataset.num_classes, in_channels=c, **config.arch_kwargs).to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
+    )
+    scheduler = _make_scheduler(optimizer, config)
+    train_loader = make_loader(dataset, "train", config.batch_size, train=True, seed=config.seed, limit=config.limit)
+    test_loader = make_loader(dataset, "test", config.batch_size, train=False, limit=config.limit)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        train_loader.load_state_dict(checkpoint["rng"]["loader"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        history = list(checkpoint["history"])
+        start_epoch = int(checkpoint["epoch"])
+        log.info("resuming %s after epoch %d of %d", out, start_epoch, config.epochs)
+        if start_epoch >= config.epochs:
+            log.info("%s already finished all %d epochs", out, config.epochs)
+            _write_log(config.log, history)
+            return checkpoint
+
+    params = count_parameters(model)
+    log.info("training %s (%d parameters) on %s (%d train / %d test images) on %s",
+             config.arch, params, dataset.name, train_loader.num_samples, test_loader.num_samples, device)
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        model.train()
+        # Running sums stay on the device; they are read back only for the progress bar.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+                   disable=not config.progress, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            if config.progress and step % 10 == 0:
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{int(correct) / seen:.4f}", refresh=False)
+        bar.close()
+        loss_sum, correct = float(loss_sum), int(correct)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is {loss_sum}); try a lower --lr")
+        scheduler.step()
+        test = evaluate(model, test_loader, device)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "test_loss": test["loss"],
+            "test_acc": test["acc"],
+            "lr": lr,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        history.append(record)
+        log.info("epoch %d/%d: train loss %.4f acc %.4f, test loss %.4f acc %.4f (%.1f s)", record["epoch"],
+                 config.epochs, record["train_loss"], record["train_acc"], record["test_loss"], record["test_acc"], record["seconds"])
+        checkpoint = {
+            "format": TEACHER_FORMAT,
+            "arch": model.arch,
+            "state_dict": _cpu_state(model),
+            "feature_layer": model.feature_layer,
+            "num_features": model.num_features,
+            "params": params,
+            "dataset": dataset.meta(),
+            "epoch": epoch + 1,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "loader": train_loader.state_dict(),
+            },
+            "config": config.to_dict(),
+            "history": history,
+            "metrics": {**record, "params": params, "train_seconds": round(sum(r["seconds"] for r in history), 3)},
+        }
+        save_checkpoint(checkpoint, out)
+        _write_log(config.log, history)
+    assert checkpoint is not None
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a teacher
+
+@dataclass
+class LoadedTeacher:
+    """A teacher ready for inference (eval mode) and what is known about it.
+
+    ``arch`` is set for nonn models (rebuild with ``create_model(**arch)``), ``factory`` for a
+    bring-your-own module; ``feature_layer`` is the module whose output is the final conv
+    feature map when the model declares it; ``fingerprint`` is the sha256 of the weights file.
+    """
+
+    model: nn.Module
+    arch: dict[str, Any] | None
+    factory: str | None
+    feature_layer: str | None
+    dataset: dict[str, Any] | None
+    fingerprint: str
+    metrics: dict[str, Any] | None = None
+
+    @property
+    def params(self) -> int:
+        return count_parameters(self.model)
+
+
+def load_factory(spec: str) -> Callable[[], nn.Module]:
+    """Resolve ``package.module:function`` (or ``path/to/file.py:function``) to a callable."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"teacher factory must look like package.module:function, got {spec!r}")
+    module_name, attr = spec.rsplit(":", 1)
+    if module_name.endswith(".py"):
+        path = Path(module_name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher factory file {path} not found")
+        name = "nonn_user_factory_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"teacher factory {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"teacher factory {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a plain state_dict file, a nonn teacher checkpoint or {'state_dict': ...}."""
+    if isinstance(obj, dict) and "format" in obj:
+        if obj["format"] != TEACHER_FORMAT:
+            raise ArtifactError(f"{path}: format is {obj['format']!r}, expected a state_dict or {TEACHER_FORMAT!r}")
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise ArtifactError(f"{path}: expected a state_dict (parameter names -> tensors) or a {TEACHER_FORMAT} checkpoint")
+    if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {len(result.missing_keys)} (e.g. {', '.join(result.missing_keys[:3])})")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {len(result.unexpected_keys)} (e.g. {', '.join(result.unexpected_keys[:3])})")
+    if problems:
+        raise ArtifactError(f"{path}: weights do not fit the model: {'; '.join(problems)}")
+
+
+def _state_fingerprint(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_teacher(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    factory: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    map_location: Any = "cpu",
+) -> LoadedTeacher:
+    """Load a teacher in eval mode: a nonn checkpoint (``path``), or bring your own module with
+    ``factory="package.module:function"`` (called with no arguments) and ``weights`` (a plain
+    state_dict file or a nonn checkpoint). Without weights, the factory's own weights are used
+    and the fingerprint is a hash of its state_dict.
+    """
+    if factory is not None:
+        if path is not None and weights is not None:
+            raise ValueError("give the weights either as path or as weights, not both")
+        weights = weights if weights is not None else path
+        model = load_factory(factory)()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"teacher factory {factory!r} returned {type(model).__name__}, expected a torch.nn.Module")
+        dataset = metrics = None
+        if weights is not None:
+            weights = Path(weights)
+            obj = load_torch_file(weights, map_location=map_location)
+            if isinstance(obj, dict) and obj.get("format") == TEACHER_FORMAT:
+                dataset, metrics = obj.get("dataset"), obj.get("metrics")
+            _load_weights(model, _extract_state_dict(obj, weights), weights)
+            fingerprint = sha256_file(weights)
+        else:
+            fingerprint = _state_fingerprint(model)
+        model.to(map_location).eval()
+        return LoadedTeacher(model, None, factory, getattr(model, "feature_layer", None), dataset, fingerprint, metrics)
+
+    if weights is not None:
+        raise ValueError("weights without a teacher factory: pass the nonn checkpoint as path, or add factory='package.module:function'")
+    if path is None:
+        raise ValueError("load_teacher needs a nonn teacher checkpoint path or a factory")
+    path = Path(path)
+    checkpoint = load_checkpoint(path, TEACHER_FORMAT, map_location=map_location)
+    arch = checkpoint.get("arch")
+    if not isinstance(arch, dict) or "name" not in arch:
+        raise ArtifactError(f"{path}: checkpoint has no valid 'arch' entry")
+    model = create_model(**arch)
+    _load_weights(model, checkpoint["state_dict"], path)
+    model.to(map_location).eval()
+    return LoadedTeacher(
+        model, arch, None, checkpoint.get("feature_layer", getattr(model, "feature_layer", None)),
+        checkpoint.get("dataset"), sha256_file(path), checkpoint.get("metrics"),
+    )
