@@ -202,6 +202,7 @@ class ModelEntry:
     size_bytes: int = 0
     precision: str = "fp32"  # "fp32" or "int8" (static QDQ quantization; I/O stay FP32)
     parity_max_abs_diff: float | None = None  # ONNX Runtime vs PyTorch, measured at export
+    activation_bytes: int = 0  # working memory for one image: the largest layer input + output (fp32)
 
     @staticmethod
     def _read_common(r: _Reader) -> dict[str, Any]:
@@ -222,6 +223,7 @@ class ModelEntry:
             size_bytes=r.int("size_bytes", optional=True) or 0,
             precision=precision,
             parity_max_abs_diff=r.float("parity_max_abs_diff", optional=True),
+            activation_bytes=r.int("activation_bytes", optional=True) or 0,
         )
 
     @classmethod
@@ -314,6 +316,7 @@ class TeacherSummary:
     layers: list[LayerSummary] = field(default_factory=list)
     fingerprint: str | None = None
     feature_layer: str | None = None
+    activation_bytes: int = 0  # working memory for one image: the largest layer input + output (fp32)
 
     @classmethod
     def _read(cls, r: _Reader) -> "TeacherSummary":
@@ -329,6 +332,7 @@ class TeacherSummary:
             layers=[LayerSummary._read(r.item("layers", i)) for i in range(len(layers))],
             fingerprint=r.str("fingerprint", optional=True),
             feature_layer=r.str("feature_layer", optional=True),
+            activation_bytes=r.int("activation_bytes", optional=True) or 0,
         )
 
 

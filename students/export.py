@@ -1,0 +1,631 @@
+"""Export a trained student ensemble to an ONNX deployment bundle (see nonn.runtime.bundle).
+
+Per student one ONNX model, image (N, C, H, W) -> pooled features (N, |P_k|), and one for the
+head, concatenated features (N, sum |P_k|) -> logits; the batch dimension is dynamic. Each model
+is checked with onnx.checker and strict shape inference, then run in ONNX Runtime against
+PyTorch on real images: a maximum absolute difference at or above the tolerance (1e-4) fails the
+export. `quantize="int8"` adds ONNX Runtime static quantization (QDQ, per-channel weights)
+calibrated on training images, and reports size and accuracy before and after.
+
+Everything is written inside `nonn.artifacts.atomic_directory`: a failed export leaves no half
+bundle and keeps any previous one.
+
+Exporter choice: torch.onnx.export(dynamo=True), the torch.export-based exporter (onnxscript),
+which is the maintained path in torch >= 2.9 and handles the dynamic batch dimension through
+`dynamic_shapes`; the TorchScript exporter is deprecated there. Its output is re-checked with
+onnx.checker / shape inference and ONNX Runtime regardless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from onnxruntime.quantization import CalibrationDataReader
+from torch import nn
+
+from nonn import __version__
+from nonn.artifacts import ArtifactError, atomic_directory, sha256_file
+from nonn.runtime.bundle import (
+    TRITON_DIR,
+    Bundle,
+    LayerSummary,
+    ModelEntry,
+    Preprocessing,
+    StudentEntry,
+    TeacherSummary,
+    TensorSpec,
+    triton_config_pbtxt,
+)
+
+__all__ = [
+    "ExportError",
+    "ModelProfile",
+    "PARITY_TOLERANCE",
+    "profile_model",
+    "teacher_summary",
+    "export_onnx",
+    "onnx_session",
+    "max_abs_diff",
+    "quantize_int8",
+    "onnx_accuracy",
+    "export_bundle",
+    "export_from_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| allowed for an fp32 model
+STUDENT_INPUT, STUDENT_OUTPUT = "image", "features"
+HEAD_INPUT, HEAD_OUTPUT = "features", "logits"
+FLOAT_BYTES = 4
+
+
+class ExportError(ValueError):
+    """The export cannot produce a faithful bundle (parity failure, bad model, bad inputs)."""
+
+
+# --------------------------------------------------------------------------- size and cost
+
+
+@dataclass
+class ModelProfile:
+    """Parameters, FLOPs, working memory and per-layer activations of a model for one image.
+
+    FLOPs count 2 per multiply-accumulate of convolutions and linear layers plus their biases;
+    BatchNorm (folded into the convolution at inference), activations, pooling and additions
+    are not counted. `layers` lists every convolution and linear layer in execution order.
+    """
+
+    params: int
+    flops: int
+    activation_bytes: int
+    layers: list[LayerSummary] = field(default_factory=list)
+
+
+def _layer_flops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        macs = out.numel() * (module.in_channels // module.groups) * kh * kw
+        return 2 * macs + (out.numel() if module.bias is not None else 0)
+    if isinstance(module, nn.Linear):
+        rows = out.numel() // module.out_features
+        return 2 * rows * module.in_features * module.out_features + (out.numel() if module.bias is not None else 0)
+    return 0
+
+
+@torch.no_grad()
+def profile_model(model: nn.Module, input_shape: Sequence[int]) -> ModelProfile:
+    """Run one zero image (C, H, W) through `model` with forward hooks and measure it."""
+    layers: list[LayerSummary] = []
+    peak = [0]
+    handles = []
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, out: Any) -> None:
+            if not isinstance(out, torch.Tensor):
+                return
+            inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            working = out.numel() + (inp.numel() if inp is not None else 0)
+            peak[0] = max(peak[0], working * FLOAT_BYTES)
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                layers.append(
+                    LayerSummary(
+                        name=name,
+                        output_shape=[int(d) for d in out.shape[1:]],
+                        flops=int(_layer_flops(module, inp, out)),
+                        params=int(sum(p.numel() for p in module.parameters(recurse=False))),
+                    )
+                )
+
+        return record
+
+    for name, module in model.named_modules():
+        if not list(module.children()):  # leaf modules only
+            handles.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        model(torch.zeros(1, *[int(d) for d in input_shape], device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    params = int(sum(p.numel() for p in model.parameters()))
+    return ModelProfile(params=params, flops=int(sum(l.flops for l in layers)), activation_bytes=int(peak[0]), layers=layers)
+
+
+def teacher_summary(
+    teacher: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    arch: Any = None,
+    fingerprint: str | None = None,
+    feature_layer: str | None = None,
+) -> TeacherSummary:
+    """The manifest's teacher record: size, FLOPs and every conv/linear layer's output shape."""
+    prof = profile_model(teacher, input_shape)
+    return TeacherSummary(
+        arch=arch if arch is not None else getattr(teacher, "arch", None),
+        params=prof.params,
+        flops=prof.flops,
+        input_shape=[int(d) for d in input_shape],
+        layers=prof.layers,
+        fingerprint=fingerprint,
+        feature_layer=feature_layer if feature_layer is not None else getattr(teacher, "feature_layer", None),
+        activation_bytes=prof.activation_bytes,
+    )
+
+
+# --------------------------------------------------------------------------- ONNX helpers
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress prints and deprecation chatter (errors still raise)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def export_onnx(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    input_name: str,
+    output_name: str,
+    opset: int | None = None,
+) -> None:
+    """Export `module` (one tensor in, one out) with a dynamic batch dimension, then check it."""
+    import onnx
+
+    module = module.eval()
+    batch = torch.export.Dim("batch", min=1)
+    kwargs: dict[str, Any] = {} if opset is None else {"opset_version": int(opset)}
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                (example,),
+                None,
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_shapes=({0: batch},),
+                dynamo=True,
+                verbose=False,
+                **kwargs,
+            )
+    except Exception as exc:  # the exporter raises many types; report them uniformly
+        raise ExportError(f"ONNX export of {type(module).__name__} failed: {exc}") from exc
+    model = program.model_proto
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise ExportError(f"exported {type(module).__name__} fails onnx.checker / shape inference: {exc}") from exc
+    onnx.save(model, str(path))
+
+
+def onnx_session(path: str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session with a fixed, small thread count."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run_session(session, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    outs = [session.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
+    return np.concatenate(outs, axis=0)
+
+
+@torch.no_grad()
+def _run_torch(module: nn.Module, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    outs = [module(torch.from_numpy(inputs[i : i + batch_size]).to(device)).float().cpu().numpy() for i in range(0, len(inputs), batch_size)]
+    return np.concatenate(outs, axis=0)
+
+
+def max_abs_diff(module: nn.Module, onnx_path: str | Path, inputs: np.ndarray) -> float:
+    """max |ONNX Runtime(inputs) - PyTorch(inputs)| over all outputs."""
+    expected = _run_torch(module.eval(), inputs)
+    actual = _run_session(onnx_session(onnx_path), inputs)
+    if actual.shape != expected.shape:
+        raise ExportError(f"{onnx_path}: ONNX Runtime returns shape {actual.shape}, PyTorch {expected.shape}")
+    return float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if expected.size else 0.0
+
+
+class ImageCalibrationReader(CalibrationDataReader):
+    """onnxruntime.quantization CalibrationDataReader over normalised training images."""
+
+    def __init__(self, input_name: str, images: np.ndarray, batch_size: int = 32) -> None:
+        self.input_name = input_name
+        self.batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.batches):
+            return None
+        self.position += 1
+        return {self.input_name: self.batches[self.position - 1]}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.ndarray) -> None:
+    """Static int8 quantization (QDQ format, per-channel int8 weights, int8 activations)
+    calibrated with MinMax on `calibration` (normalised images, N x C x H x W)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if len(calibration) == 0:
+        raise ExportError("int8 quantization needs at least one calibration image")
+    reader = ImageCalibrationReader(onnx_session(fp32_path).get_inputs()[0].name, calibration)
+    int8_path = Path(int8_path)
+    prepared = int8_path.with_name(int8_path.stem + ".prep.onnx")
+    root_logger = logging.getLogger()
+    root_level = root_logger.level
+    # The quantizer logs a warning (on the root logger) for every per-channel weight of rank 1,
+    # such as a pre-activation BatchNorm scale, which it then quantizes per tensor instead.
+    root_logger.setLevel(logging.ERROR)
+    try:
+        # Symbolic shape inference + graph optimisation first, as ONNX Runtime recommends.
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+        quantize_static(
+            str(prepared),
+            str(int8_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    finally:
+        root_logger.setLevel(root_level)
+        prepared.unlink(missing_ok=True)
+        for extra in int8_path.parent.glob("augmented_model*.onnx"):
+            extra.unlink(missing_ok=True)
+
+
+def onnx_accuracy(student_paths: Sequence[str | Path], head_path: str | Path, images: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of the exported pipeline (all students -> concat -> head) in ONNX Runtime."""
+    if len(images) == 0:
+        raise ExportError("accuracy needs at least one image")
+    features = np.concatenate([_run_session(onnx_session(p), images) for p in student_paths], axis=1)
+    logits = _run_session(onnx_session(head_path), features.astype(np.float32))
+    return float(np.mean(logits.argmax(axis=1) == labels))
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def _normalise(images: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or list(images.shape[1:]) != pre.input_shape:
+        raise ExportError(f"images must be (N, {', '.join(map(str, pre.input_shape))}), got {images.shape}")
+    mean = np.asarray(pre.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(pre.std, dtype=np.float32).reshape(-1, 1, 1)
+    return ((images - mean) / std).astype(np.float32)
+
+
+def _preprocessing(dataset_meta: dict[str, Any]) -> Preprocessing:
+    try:
+        pre = Preprocessing(
+            mean=[float(v) for v in dataset_meta["mean"]],
+            std=[float(v) for v in dataset_meta["std"]],
+            input_shape=[int(d) for d in dataset_meta["input_shape"]],
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"dataset_meta needs input_shape, mean and std (as ImageDataset.meta() gives), got {dataset_meta!r}") from exc
+    if len(pre.input_shape) != 3 or len(pre.mean) != pre.input_shape[0] or len(pre.std) != pre.input_shape[0]:
+        raise ExportError(f"dataset_meta: input_shape {pre.input_shape} with mean {pre.mean} / std {pre.std} is inconsistent")
+    return pre
+
+
+def _class_names(dataset_meta: dict[str, Any], num_classes: int) -> list[str]:
+    names = dataset_meta.get("class_names") or [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ExportError(f"dataset_meta has {len(names)} class names but the head has {num_classes} outputs")
+    return [str(n) for n in names]
+
+
+def _check_ensemble(ensemble: nn.Module) -> tuple[list[nn.Module], nn.Linear, list[list[int]]]:
+    students = getattr(ensemble, "students", None)
+    head = getattr(ensemble, "head", None)
+    groups = getattr(ensemble, "groups", None)
+    if not isinstance(students, nn.ModuleList) or not isinstance(head, nn.Linear) or groups is None:
+        raise ExportError("expected a StudentEnsemble: `students` (nn.ModuleList), `head` (nn.Linear) and `groups`")
+    groups = [[int(f) for f in g] for g in groups]
+    if len(groups) != len(students):
+        raise ExportError(f"{len(students)} students but {len(groups)} groups")
+    if head.in_features != sum(len(g) for g in groups):
+        raise ExportError(f"head takes {head.in_features} features but the groups hold {sum(len(g) for g in groups)}")
+    return list(students), head, groups
+
+
+def export_bundle(
+    ensemble: nn.Module,
+    out_dir: str | Path,
+    *,
+    dataset_meta: dict[str, Any],
+    calibration_images: np.ndarray | None = None,
+    quantize: str | None = None,
+    opset: int | None = None,
+    teacher: nn.Module | TeacherSummary | None = None,
+    parity_images: np.ndarray | None = None,
+    eval_data: tuple[np.ndarray, np.ndarray] | None = None,
+    partition: dict[str, Any] | None = None,
+    tolerance: float = PARITY_TOLERANCE,
+    overwrite: bool = True,
+    progress: bool = False,
+) -> Bundle:
+    """Write the deployment bundle for `ensemble` into `out_dir` (atomically) and return it.
+
+    Images are raw, in [0, 1], (N, C, H, W) as ImageDataset holds them; they are normalised
+    with `dataset_meta`'s mean/std, exactly as the manifest's preprocessing tells clients to.
+    `parity_images` (default: `calibration_images`) are run through PyTorch and ONNX Runtime;
+    `calibration_images` (training images) calibrate int8; `eval_data` = (images, labels)
+    gives the accuracy report. Raises ExportError (and writes nothing) when a model's parity
+    difference reaches `tolerance`.
+    """
+    from tqdm import tqdm
+
+    if quantize not in (None, "int8"):
+        raise ExportError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize == "int8" and (calibration_images is None or len(calibration_images) == 0):
+        raise ExportError("--quantize int8 needs calibration images (training images)")
+    students, head, groups = _check_ensemble(ensemble)
+    pre = _preprocessing(dataset_meta)
+    class_names = _class_names(dataset_meta, head.out_features)
+    parity_raw = parity_images if parity_images is not None else calibration_images
+    if parity_raw is None or len(parity_raw) == 0:
+        raise ExportError("the parity check needs real images: pass parity_images or calibration_images")
+    parity_x = _normalise(parity_raw, pre)
+    calib_x = _normalise(calibration_images, pre) if calibration_images is not None else None
+    eval_x, eval_y = (_normalise(eval_data[0], pre), np.asarray(eval_data[1])) if eval_data is not None else (None, None)
+
+    if isinstance(teacher, nn.Module):
+        teacher = teacher_summary(teacher, pre.input_shape)
+    ensemble.eval()
+    device = next((p.device for p in ensemble.parameters()), torch.device("cpu"))
+    example = torch.from_numpy(parity_x[: min(2, len(parity_x))]).to(device)
+    steps = len(students) + 1 + (len(students) if quantize else 0) + (1 if eval_data is not None else 0)
+
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp, tqdm(total=steps, desc="export", disable=not progress, unit="model") as bar:
+        entries: list[StudentEntry] = []
+        fp32_files: list[Path] = []
+        features_parity: list[np.ndarray] = []
+        for k, (student, group) in enumerate(zip(students, groups)):
+            name = f"student_{k}"
+            path = tmp / f"{name}.onnx"
+            bar.set_postfix_str(name)
+            export_onnx(student, example, path, STUDENT_INPUT, STUDENT_OUTPUT, opset)
+            diff = max_abs_diff(student, path, parity_x)
+            if not diff < tolerance:
+                raise ExportError(f"{name}: ONNX Runtime differs from PyTorch by {diff:.3g} (max abs) on {len(parity_x)} images; tolerance {tolerance:g}")
+            prof = profile_model(student, pre.input_shape)
+            spec = getattr(student, "spec", None)
+            entries.append(
+                StudentEntry(
+                    name=name,
+                    file=path.name,
+                    sha256="0" * 64,  # filled in once the final file is known
+                    input=TensorSpec(STUDENT_INPUT, [-1, *pre.input_shape]),
+                    output=TensorSpec(STUDENT_OUTPUT, [-1, len(group)]),
+                    params=prof.params,
+                    flops=prof.flops,
+                    parity_max_abs_diff=diff,
+                    activation_bytes=prof.activation_bytes,
+                    feature_size=len(group),
+                    group=list(group),
+                    index=k,
+                    arch=spec.to_dict() if hasattr(spec, "to_dict") else getattr(student, "arch", None),
+                )
+            )
+            fp32_files.append(path)
+            features_parity.append(_run_torch(student, parity_x))
+            bar.update()
+
+        head_path = tmp / "head.onnx"
+        bar.set_postfix_str("head")
+        head_in = np.concatenate(features_parity, axis=1).astype(np.float32)
+        export_onnx(head, torch.from_numpy(head_in[:2]).to(device), head_path, HEAD_INPUT, HEAD_OUTPUT, opset)
+        head_diff = max_abs_diff(head, head_path, head_in)
+        if not head_diff < tolerance:
+            raise ExportError(f"head: ONNX Runtime differs from PyTorch by {head_diff:.3g} (max abs); tolerance {tolerance:g}")
+        head_prof = profile_model(head, [head.in_features])
+        head_entry = ModelEntry(
+            name="head",
+            file=head_path.name,
+            sha256="0" * 64,
+            input=TensorSpec(HEAD_INPUT, [-1, head.in_features]),
+            output=TensorSpec(HEAD_OUTPUT, [-1, head.out_features]),
+            params=head_prof.params,
+            flops=head_prof.flops,
+            parity_max_abs_diff=head_diff,
+            activation_bytes=head_prof.activation_bytes,
+        )
+        bar.update()
+
+        metrics: dict[str, Any] = {"parity_images": int(len(parity_x)), "parity_tolerance": tolerance}
+        if eval_x is not None:
+            bar.set_postfix_str("accuracy")
+            logits = _run_torch(ensemble, eval_x)
+            metrics["torch_accuracy"] = float(np.mean(logits.argmax(axis=1) == eval_y))
+            metrics["onnx_accuracy"] = onnx_accuracy(fp32_files, head_path, eval_x, eval_y)
+            metrics["eval_images"] = int(len(eval_x))
+            bar.update()
+
+        quantization = None
+        if quantize == "int8":
+            assert calib_x is not None
+            fp32_dir = tmp / "fp32"
+            fp32_dir.mkdir()
+            int8_feature_diffs = []
+            fp32_bytes = sum(p.stat().st_size for p in fp32_files)
+            for entry, fp32 in zip(entries, fp32_files):
+                bar.set_postfix_str(f"int8 {entry.name}")
+                kept = fp32_dir / fp32.name
+                shutil.move(str(fp32), kept)
+                quantize_int8(kept, fp32, calib_x)
+                int8_feature_diffs.append(
+                    float(np.max(np.abs(_run_session(onnx_session(fp32), parity_x) - _run_session(onnx_session(kept), parity_x))))
+                )
+                entry.precision = "int8"
+                entry.parity_max_abs_diff = None  # int8 is approximate; its feature error is reported below
+                bar.update()
+            quantization = {
+                "mode": "int8",
+                "method": "onnxruntime static quantization, QDQ, per-channel symmetric int8 weights, int8 activations, MinMax calibration",
+                "calibration_images": int(len(calib_x)),
+                "fp32_bytes": int(fp32_bytes),
+                "int8_bytes": int(sum(p.stat().st_size for p in fp32_files)),
+                "max_abs_feature_diff": int8_feature_diffs,
+                "fp32_models": "fp32/",
+            }
+            if eval_x is not None:
+                quantization["fp32_accuracy"] = metrics["onnx_accuracy"]
+                quantization["int8_accuracy"] = onnx_accuracy(fp32_files, head_path, eval_x, eval_y)
+                quantization["eval_images"] = int(len(eval_x))
+
+        for entry in [*entries, head_entry]:
+            path = tmp / entry.file
+            entry.sha256 = sha256_file(path)
+            entry.size_bytes = path.stat().st_size
+        for entry in entries:
+            model_dir = tmp / TRITON_DIR / entry.name
+            (model_dir / "1").mkdir(parents=True)
+            shutil.copyfile(tmp / entry.file, model_dir / "1" / "model.onnx")
+            (model_dir / "config.pbtxt").write_text(triton_config_pbtxt(entry), encoding="utf-8")
+
+        bundle = Bundle(
+            students=entries,
+            head=head_entry,
+            preprocessing=pre,
+            class_names=class_names,
+            teacher=teacher,
+            dataset=dict(dataset_meta),
+            partition=partition,
+            quantization=quantization,
+            metrics=metrics,
+            triton_repository_dir=TRITON_DIR,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            nonn_version=__version__,
+            root=tmp,
+        )
+        bundle.save(tmp)
+        _apply_umask(tmp)
+    bundle.root = Path(out_dir)
+    return bundle
+
+
+def _apply_umask(root: Path) -> None:
+    """Give the bundle ordinary permissions: temporary files and directories are created
+    private (0600/0700), but a bundle is meant to be read by the serving user too."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+# --------------------------------------------------------------------------- from a checkpoint
+
+
+def _teacher_module(info: dict[str, Any]) -> nn.Module | None:
+    """Rebuild the teacher's architecture (weights are not needed for shapes and FLOPs)."""
+    arch = info.get("arch")
+    if isinstance(arch, dict):
+        from nonn.students.models import create_model
+
+        return create_model(**arch)
+    factory = info.get("factory") or (arch if isinstance(arch, str) else None)
+    if isinstance(factory, str):
+        from nonn.students.teacher import load_teacher
+
+        return load_teacher(factory=factory).model
+    return None
+
+
+def export_from_checkpoint(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    quantize: str | None = None,
+    opset: int | None = None,
+    data_dir: str | None = None,
+    calibration_count: int = 256,
+    parity_count: int = 64,
+    eval_count: int = 2000,
+    seed: int = 0,
+    overwrite: bool = True,
+    progress: bool = False,
+) -> Bundle:
+    """Export a students checkpoint ("nonn.students/1"): real test images for parity and the
+    accuracy report, a seeded random sample of training images for int8 calibration."""
+    from nonn.students.data import load_dataset
+    from nonn.students.train import load_students
+
+    loaded = load_students(path)
+    meta = loaded.meta
+    dataset_meta = meta.get("dataset") or {}
+    if not dataset_meta.get("name"):
+        raise ArtifactError(f"{path}: the checkpoint records no dataset name; cannot pick calibration and parity images")
+    data = load_dataset(dataset_meta["name"], data_dir)
+    if list(data.input_shape) != [int(d) for d in dataset_meta.get("input_shape", data.input_shape)]:
+        raise ExportError(f"{path}: trained on input shape {dataset_meta['input_shape']} but {data.name} has {list(data.input_shape)}")
+    rng = np.random.default_rng(seed)
+    calib = data.train_x[rng.permutation(len(data.train_x))[:calibration_count]]
+    test_x, test_y = (data.test_x, data.test_y) if len(data.test_x) else (data.train_x, data.train_y)
+    teacher_info = meta.get("teacher") or {}
+    teacher: TeacherSummary | None = None
+    module = _teacher_module(teacher_info)
+    if module is not None:
+        teacher = teacher_summary(
+            module,
+            data.input_shape,
+            arch=teacher_info.get("arch") or teacher_info.get("factory"),
+            fingerprint=teacher_info.get("fingerprint"),
+            feature_layer=teacher_info.get("feature_layer"),
+        )
+    else:
+        log.warning("%s: no teacher architecture recorded; the bundle has no teacher summary (nonn plan cannot compare)", path)
+    return export_bundle(
+        loaded.ensemble.cpu(),
+        out_dir,
+        dataset_meta=dataset_meta,
+        calibration_images=calib,
+        quantize=quantize,
+        opset=opset,
+        teacher=teacher,
+        parity_images=test_x[:parity_count],
+        eval_data=(test_x[:eval_count], test_y[:eval_count]) if eval_count > 0 else None,
+        partition=meta.get("partition"),
+        overwrite=overwrite,
+        progress=progress,
+    )

@@ -1,0 +1,181 @@
+"""ONNX export: parity with PyTorch, dynamic batch, atomic writes, int8 accuracy, FLOP counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from nonn.artifacts import sha256_file  # noqa: E402
+from nonn.runtime.bundle import Bundle, verify_bundle  # noqa: E402
+from nonn.students.ensemble import build_ensemble  # noqa: E402
+from nonn.students.export import (  # noqa: E402
+    PARITY_TOLERANCE,
+    ExportError,
+    export_bundle,
+    onnx_session,
+    profile_model,
+)
+from nonn.students.models import create_model  # noqa: E402
+
+torch.set_num_threads(1)
+
+SHAPE = (1, 8, 8)
+GROUPS = [[0, 2, 5], [1, 3]]
+CLASSES = 3
+
+
+def tiny_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three classes of 8x8 images: a bright band in the top, middle or bottom rows, plus noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, CLASSES, n)
+    x = rng.random((n, *SHAPE), dtype=np.float32) * 0.3
+    for i, label in enumerate(y):
+        x[i, 0, 3 * label : 3 * label + 2, :] += 0.7
+    return np.clip(x, 0, 1).astype(np.float32), y.astype(np.int64)
+
+
+def meta(x: np.ndarray) -> dict:
+    return {
+        "name": "bands",
+        "input_shape": list(SHAPE),
+        "num_classes": CLASSES,
+        "class_names": ["top", "middle", "bottom"],
+        "mean": [float(x.mean())],
+        "std": [float(x.std())],
+    }
+
+
+def make_ensemble(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_ensemble([("cnn-small", {"width": 4})] * 2, GROUPS, CLASSES, 1, (4, 4))
+
+
+def train_briefly(ensemble, x: np.ndarray, y: np.ndarray, m: dict, steps: int = 60):
+    xs = torch.from_numpy((x - m["mean"][0]) / m["std"][0])
+    ys = torch.from_numpy(y)
+    opt = torch.optim.Adam(ensemble.parameters(), lr=0.02)
+    ensemble.train()
+    for step in range(steps):
+        idx = torch.arange(step * 32, step * 32 + 32) % len(xs)
+        loss = torch.nn.functional.cross_entropy(ensemble(xs[idx]), ys[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ensemble.eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_data(256, seed=1), tiny_data(128, seed=2)
+
+
+def test_fp32_export_matches_pytorch_with_dynamic_batch(tmp_path: Path, data) -> None:
+    (train_x, _), (test_x, test_y) = data
+    m = meta(train_x)
+    ensemble = make_ensemble()
+    # Non-trivial BN statistics, so the exported graph must carry them.
+    train_briefly(ensemble, train_x, np.zeros(len(train_x), np.int64), m, steps=5)
+    teacher = create_model("wrn-10-1", num_classes=CLASSES, in_channels=1, width=8)
+    bundle = export_bundle(
+        ensemble, tmp_path / "b", dataset_meta=m, parity_images=test_x[:16], eval_data=(test_x, test_y), teacher=teacher
+    )
+    assert verify_bundle(tmp_path / "b") == []
+    loaded = Bundle.load(tmp_path / "b")
+    assert loaded == bundle and loaded.root == tmp_path / "b"
+    assert [s.group for s in loaded.students] == GROUPS
+    for entry in [*loaded.students, loaded.head]:
+        assert entry.parity_max_abs_diff is not None and entry.parity_max_abs_diff < PARITY_TOLERANCE
+        assert entry.sha256 == sha256_file(loaded.path_of(entry))
+    assert loaded.students[0].params == sum(p.numel() for p in ensemble.students[0].parameters())
+    assert loaded.head.flops == 2 * 5 * CLASSES + CLASSES
+
+    # The whole ONNX pipeline on a batch size never seen at export gives the ensemble's logits.
+    x = ((test_x[:7] - m["mean"][0]) / m["std"][0]).astype(np.float32)
+    feats = [onnx_session(loaded.path_of(s)).run(None, {"image": x})[0] for s in loaded.students]
+    assert [f.shape for f in feats] == [(7, 3), (7, 2)]
+    logits = onnx_session(loaded.path_of("head")).run(None, {"features": np.concatenate(feats, 1)})[0]
+    with torch.no_grad():
+        expected = ensemble(torch.from_numpy(x)).numpy()
+    assert np.max(np.abs(logits - expected)) < PARITY_TOLERANCE
+    assert loaded.metrics["onnx_accuracy"] == pytest.approx(loaded.metrics["torch_accuracy"], abs=1 / len(test_y))
+
+    # Teacher summary for the planner, Triton repository beside the plain files.
+    assert loaded.teacher is not None and loaded.teacher.input_shape == list(SHAPE)
+    assert loaded.teacher.flops == sum(layer.flops for layer in loaded.teacher.layers) > 0
+    config = (tmp_path / "b" / "triton" / "student_1" / "config.pbtxt").read_text()
+    assert 'name: "student_1"' in config and "dims: [ -1, 2 ]" in config
+
+
+def test_failed_parity_writes_nothing_and_keeps_previous_bundle(tmp_path: Path, data) -> None:
+    (train_x, _), (test_x, _) = data
+    m = meta(train_x)
+    out = tmp_path / "b"
+    export_bundle(make_ensemble(), out, dataset_meta=m, parity_images=test_x[:8])
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(ExportError, match="student_0: ONNX Runtime differs from PyTorch"):
+        # A tolerance of 0 cannot be met by any float computation done in another order.
+        export_bundle(make_ensemble(seed=1), out, dataset_meta=m, parity_images=test_x[:8], tolerance=0.0)
+    assert (out / "manifest.json").read_bytes() == before
+    assert verify_bundle(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary directory left behind
+
+
+def test_bad_inputs_are_rejected(tmp_path: Path, data) -> None:
+    (train_x, _), _ = data
+    m = meta(train_x)
+    with pytest.raises(ExportError, match="parity check needs real images"):
+        export_bundle(make_ensemble(), tmp_path / "b", dataset_meta=m)
+    with pytest.raises(ExportError, match="int8 needs calibration images"):
+        export_bundle(make_ensemble(), tmp_path / "b", dataset_meta=m, parity_images=train_x[:4], quantize="int8")
+    with pytest.raises(ExportError, match=r"images must be \(N, 1, 8, 8\)"):
+        export_bundle(make_ensemble(), tmp_path / "b", dataset_meta=m, parity_images=np.zeros((4, 3, 8, 8), np.float32))
+    with pytest.raises(ExportError, match="3 class names but the head has 4 outputs"):
+        bad = build_ensemble([("cnn-small", {"width": 4})] * 2, GROUPS, 4, 1, (4, 4))
+        export_bundle(bad, tmp_path / "b", dataset_meta=m, parity_images=train_x[:4])
+    assert not (tmp_path / "b").exists()
+
+
+def test_int8_accuracy_within_tolerance_and_smaller(tmp_path: Path, data) -> None:
+    (train_x, train_y), (test_x, test_y) = data
+    m = meta(train_x)
+    ensemble = train_briefly(make_ensemble(), train_x, train_y, m)
+    bundle = export_bundle(
+        ensemble, tmp_path / "q", dataset_meta=m, calibration_images=train_x[:128], quantize="int8", eval_data=(test_x, test_y)
+    )
+    q = bundle.quantization
+    assert q is not None and all(s.precision == "int8" for s in bundle.students)
+    assert bundle.head.precision == "fp32"
+    assert q["fp32_accuracy"] > 0.9, "the tiny ensemble should learn the bands"
+    # Stated tolerance: int8 loses at most 5 points of accuracy on this data.
+    assert q["int8_accuracy"] >= q["fp32_accuracy"] - 0.05
+    assert q["int8_bytes"] < q["fp32_bytes"]
+    assert verify_bundle(tmp_path / "q") == []
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["quantization"]["calibration_images"] == 128
+    # The served model really is quantized: it holds QuantizeLinear nodes.
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(bundle.path_of("student_0"))).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_profile_counts_match_torch_flop_counter() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create_model("wrn-16-1", num_classes=10, in_channels=3).eval()
+    prof = profile_model(model, (3, 32, 32))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    # FlopCounterMode counts 2 per multiply-accumulate and ignores the classifier's bias add.
+    assert prof.flops == counter.get_total_flops() + 10
+    assert prof.params == 175_066
+    assert prof.layers[0].name == "conv1" and prof.layers[0].output_shape == [16, 32, 32]
+    assert prof.layers[-1].name == "fc" and prof.layers[-1].output_shape == [10]
+    assert prof.activation_bytes >= 2 * 16 * 32 * 32 * 4
