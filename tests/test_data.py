@@ -63,20 +63,21 @@ def test_corrupt_and_truncated_idx_files_name_the_path(tmp_path):
         load_dataset("fashion-mnist", data_dir=tmp_path / "nope")
 
 
-def write_cifar10(root, n=4):
+def write_cifar10(root, n=4, protocol=2):
     folder = root / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(1)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
-        (folder / name).write_bytes(pickle.dumps(batch))
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
     names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
     return folder
 
 
-def test_cifar10_batches(tmp_path):
-    folder = write_cifar10(tmp_path)
+@pytest.mark.parametrize("protocol", [2, 4, 5])  # 2: the format of the published batches
+def test_cifar10_batches(tmp_path, protocol):
+    folder = write_cifar10(tmp_path, protocol=protocol)
     ds = load_dataset("cifar10", data_dir=tmp_path)
     assert ds.train_x.shape == (20, 3, 32, 32) and ds.test_x.shape == (4, 3, 32, 32)
     assert ds.class_names[-1] == "truck" and len(ds.mean) == 3
