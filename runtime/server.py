@@ -31,7 +31,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from nonn import __version__
-from nonn.artifacts import atomic_write_json
+from nonn.artifacts import ArtifactError, atomic_write_json
 from nonn.runtime.aioloop import LoopThread
 from nonn.runtime.codec import (
     TensorError,
@@ -57,6 +57,7 @@ __all__ = [
     "message_limit",
     "serve",
     "serve_backends",
+    "student_backend",
 ]
 
 log = logging.getLogger(__name__)
@@ -419,6 +420,41 @@ def serve_backends(
         backends, host=host, port=port, tls=tls, max_message_bytes=max_message_bytes, grace_s=grace_s
     )
     asyncio.run(_run_until_signal(server, Path(ready_file) if ready_file is not None else None))
+
+
+def student_backend(
+    bundle: Any,
+    student: str | int,
+    *,
+    threads: int = 1,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    workers: int = 1,
+) -> OnnxBackend:
+    """Load one student of a bundle (a Bundle or its directory) for serving.
+
+    The model's sha256 must match the manifest (ModelIntegrityError otherwise) and its input and
+    output must be the ones the manifest declares (ArtifactError otherwise).
+    """
+    from nonn.runtime.bundle import Bundle
+
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.load(bundle)
+    try:
+        entry = bundle.student(student)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    path = bundle.path_of(entry)
+    model = OnnxModel(path, threads=threads, expected_sha256=entry.sha256)
+    declared = (
+        [TensorSpec(entry.input.name, entry.input.datatype, tuple(entry.input.shape))],
+        [TensorSpec(entry.output.name, entry.output.datatype, tuple(entry.output.shape))],
+    )
+    if (model.inputs, model.outputs) != declared:
+        raise ArtifactError(
+            f"{path}: the model's inputs/outputs {[s.to_dict() for s in model.inputs + model.outputs]} "
+            f"differ from the manifest's {[s.to_dict() for s in declared[0] + declared[1]]}"
+        )
+    return OnnxBackend(model, entry.name, max_batch=max_batch, workers=workers)
 
 
 def serve(

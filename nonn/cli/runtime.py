@@ -1,0 +1,273 @@
+"""`nonn serve` and `nonn infer`: device servers and the aggregator on the Open Inference Protocol.
+
+Neither command needs torch: both run on a device with only numpy, onnxruntime and grpcio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nonn.cli import CLIError
+
+DEFAULT_PORT = 8001
+
+
+def _add_aggregator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", help="one host:port per student, in student order, comma-separated")
+    p.add_argument("--deadline", type=float, default=1.0, help="seconds a device has to answer, retries included (default: 1.0)")
+    p.add_argument("--retries", type=int, default=2, help="extra attempts when a device is UNAVAILABLE (default: 2)")
+    p.add_argument("--strict", action="store_true", help="fail a request when any device misses it (default: answer with zeros for that student)")
+    p.add_argument("--max-batch", type=int, default=64, help="largest batch per request (default: 64)")
+
+
+def _add_client_tls_args(p: argparse.ArgumentParser, prefix: str, who: str) -> None:
+    p.add_argument(f"--{prefix}-ca", default=None, help=f"CA certificate (PEM) that the {who}' certificates must chain to; turns on TLS")
+    p.add_argument(f"--{prefix}-cert", default=None, help=f"client certificate (PEM) presented to the {who} (mutual TLS)")
+    p.add_argument(f"--{prefix}-key", default=None, help="private key (PEM) of that client certificate")
+    p.add_argument(f"--{prefix}-server-name", default=None, help="name to check in the servers' certificates instead of the host")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    s = subparsers.add_parser(
+        "serve",
+        help="host one student (or the whole ensemble) over gRPC (Open Inference Protocol)",
+        description="Serve one ONNX model on inference.GRPCInferenceService (KServe v2) and "
+        "grpc.health.v1. From a bundle, the model's sha256 is checked against the manifest and a "
+        "mismatch is refused. With --aggregate, serve the whole ensemble as one model by fanning "
+        "each request out to the student devices. Stops gracefully on SIGTERM.",
+    )
+    what = s.add_argument_group("what to serve")
+    what.add_argument("--bundle", default=None, help="bundle directory from `nonn export`")
+    what.add_argument("--student", default=None, help="student name (student_0) or index, with --bundle")
+    what.add_argument("--model", default=None, help="an ONNX file to serve instead of a bundle student")
+    what.add_argument("--name", default=None, help="model name to serve under (default: the student's name; 'ensemble' with --aggregate)")
+    what.add_argument("--sha256", default=None, help="expected sha256 of --model; a mismatch is refused")
+    what.add_argument("--aggregate", action="store_true", help="serve the whole ensemble of --bundle (needs --devices)")
+    net = s.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 for all interfaces)")
+    net.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)")
+    net.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
+    net.add_argument("--workers", type=int, default=1, help="requests run by ONNX Runtime at once (default: 1)")
+    net.add_argument("--max-batch", type=int, default=64, help="largest batch accepted per request (default: 64)")
+    net.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight requests on SIGTERM (default: 5)")
+    net.add_argument("--ready-file", default=None, help="write {host, port, pid, models} as JSON here once serving (removed on exit)")
+    net.add_argument("--tls-cert", default=None, help="server certificate (PEM); with --tls-key turns on TLS")
+    net.add_argument("--tls-key", default=None, help="server private key (PEM)")
+    net.add_argument("--tls-client-ca", default=None, help="CA (PEM) that client certificates must chain to: mutual TLS")
+    agg = s.add_argument_group("ensemble (--aggregate)")
+    agg.add_argument("--devices", default=None, help="one host:port per student, in student order, comma-separated")
+    agg.add_argument("--deadline", type=float, default=1.0, help="seconds a device has to answer, retries included (default: 1.0)")
+    agg.add_argument("--retries", type=int, default=2, help="extra attempts when a device is UNAVAILABLE (default: 2)")
+    agg.add_argument("--strict", action="store_true", help="fail a request when any device misses it")
+    _add_client_tls_args(agg, "device-tls", "devices")
+    s.set_defaults(func=_serve)
+
+    i = subparsers.add_parser(
+        "infer",
+        help="classify images with the student devices and the head",
+        description="Send images to the K student devices concurrently, concatenate their "
+        "feature vectors and apply the bundle's head locally. A device that does not answer "
+        "contributes zeros (unless --strict); the report says which devices contributed.",
+    )
+    i.add_argument("--bundle", required=True, help="bundle directory from `nonn export` (head, preprocessing, students)")
+    i.add_argument("--input", required=True, help=".npy of images (N,C,H,W / N,H,W,C / N,H,W; uint8 or floats in [0,1]) or .npz with x (and y)")
+    i.add_argument("--labels", default=None, help=".npy of integer labels, to report accuracy")
+    i.add_argument("--preprocessed", action="store_true", help="the input is already normalised (skip the bundle's mean/std)")
+    i.add_argument("--batch-size", type=int, default=32, help="images per request (default: 32)")
+    i.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_aggregator_args(i)
+    _add_client_tls_args(i, "tls", "devices")
+    i.set_defaults(func=_infer)
+
+
+def _client_tls(args: argparse.Namespace, prefix: str):
+    from nonn.runtime.tls import ClientTLS
+
+    ca, cert, key, name = (getattr(args, f"{prefix}_{f}") for f in ("ca", "cert", "key", "server_name"))
+    if ca is None and cert is None and key is None:
+        return None
+    if (cert is None) != (key is None):
+        flag = prefix.replace("_", "-")
+        raise CLIError(f"--{flag}-cert and --{flag}-key go together (got only one)")
+    return ClientTLS(
+        ca=Path(ca) if ca else None, cert=Path(cert) if cert else None, key=Path(key) if key else None, server_name=name
+    )
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    if args.max_batch < 1:
+        raise CLIError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if getattr(args, "deadline", 1.0) <= 0:
+        raise CLIError(f"--deadline must be positive, got {args.deadline}")
+    if getattr(args, "retries", 0) < 0:
+        raise CLIError(f"--retries must be 0 or more, got {args.retries}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from nonn.runtime.onnx_model import OnnxModel
+    from nonn.runtime.server import OnnxBackend, serve_backends, student_backend
+    from nonn.runtime.tls import ServerTLS
+
+    _check_common(args)
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be in 0..65535, got {args.port}")
+    if args.threads < 1 or args.workers < 1:
+        raise CLIError(f"--threads and --workers must be at least 1, got {args.threads} and {args.workers}")
+    tls = ServerTLS.from_args(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if args.aggregate:
+        from nonn.runtime.aggregator import Aggregator, AggregatorBackend
+
+        if args.bundle is None or args.devices is None:
+            raise CLIError("--aggregate needs --bundle and --devices host:port,...")
+        if args.model or args.student is not None:
+            raise CLIError("--aggregate serves the whole bundle: drop --model/--student")
+        aggregator = Aggregator(
+            args.bundle,
+            args.devices,
+            deadline_s=args.deadline,
+            retries=args.retries,
+            strict=args.strict,
+            tls=_client_tls(args, "device_tls"),
+            max_batch=args.max_batch,
+            head_threads=args.threads,
+        )
+        backend = AggregatorBackend(aggregator, name=args.name or "ensemble")
+    elif args.bundle is not None:
+        if args.model is not None:
+            raise CLIError("give either --bundle with --student, or --model with --name, not both")
+        if args.student is None:
+            raise CLIError("--bundle needs --student NAME_OR_INDEX (e.g. --student student_0), or --aggregate")
+        backend = student_backend(
+            args.bundle, args.student, threads=args.threads, max_batch=args.max_batch, workers=args.workers
+        )
+        if args.name:
+            backend.name = args.name
+    elif args.model is not None:
+        if not args.name:
+            raise CLIError("--model needs --name (the model name clients ask for)")
+        model = OnnxModel(args.model, threads=args.threads, expected_sha256=args.sha256)
+        backend = OnnxBackend(model, args.name, max_batch=args.max_batch, workers=args.workers)
+    else:
+        raise CLIError("nothing to serve: give --bundle DIR --student K, --model FILE --name NAME, or --bundle DIR --aggregate --devices ...")
+    serve_backends(backend, host=args.host, port=args.port, tls=tls, grace_s=args.grace, ready_file=args.ready_file)
+    return 0
+
+
+def _load_images(path: str):
+    import numpy as np
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: input file not found")
+    try:
+        data = np.load(file, allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"{file}: not a numpy .npy/.npz file without pickled objects ({exc})") from exc
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            if "x" not in data.files:
+                raise ValueError(f"{file}: an .npz input needs an array named x (found {data.files})")
+            return data["x"], data["y"] if "y" in data.files else None
+    return data, None
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from nonn.runtime.aggregator import Aggregator, preprocess_images
+    from nonn.runtime.bundle import Bundle
+
+    _check_common(args)
+    if args.devices is None:
+        raise CLIError("--devices host:port,... is required (one per student, in student order)")
+    if args.batch_size < 1 or args.batch_size > args.max_batch:
+        raise CLIError(f"--batch-size must be in 1..{args.max_batch} (--max-batch), got {args.batch_size}")
+    bundle = Bundle.load(args.bundle)
+    images, labels = _load_images(args.input)
+    if args.labels is not None:
+        labels = np.load(args.labels, allow_pickle=False)
+    pre = bundle.preprocessing
+    if args.preprocessed:
+        x = np.ascontiguousarray(images, dtype=np.float32)
+    else:
+        x = preprocess_images(images, pre.mean, pre.std, pre.input_shape, pre.pixel_scale)
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != len(x):
+            raise ValueError(f"{len(labels)} labels for {len(x)} images")
+
+    k = bundle.num_students
+    predictions: list[int] = []
+    contributed = np.zeros(k, dtype=np.int64)
+    sent = np.zeros(k, dtype=np.int64)
+    received = np.zeros(k, dtype=np.int64)
+    latencies: list[float] = []
+    degraded_batches = 0
+    errors: dict[str, str] = {}
+    with Aggregator(
+        bundle, args.devices, deadline_s=args.deadline, retries=args.retries, strict=args.strict,
+        tls=_client_tls(args, "tls"), max_batch=args.max_batch,
+    ) as aggregator:  # fmt: skip
+        starts = range(0, len(x), args.batch_size)
+        for start in tqdm(starts, desc="infer", unit="batch", disable=args.json or len(starts) < 2, file=sys.stderr):
+            result = aggregator.infer_sync(x[start : start + args.batch_size])
+            predictions.extend(int(p) for p in result.predictions)
+            n = len(result.logits)
+            contributed += np.asarray(result.contributed, dtype=np.int64) * n
+            sent += result.bytes_sent
+            received += result.bytes_received
+            latencies.append(result.latency_s)
+            degraded_batches += result.degraded
+            for endpoint, error in zip(result.devices, result.errors):
+                if error:
+                    errors[endpoint] = error
+        endpoints = aggregator.endpoints
+    n_images = len(predictions)
+    report = {
+        "images": n_images,
+        "predictions": predictions,
+        "labels": [bundle.class_names[p] for p in predictions],
+        "accuracy": float(np.mean(np.asarray(predictions) == labels)) if labels is not None else None,
+        "degraded_batches": degraded_batches,
+        "batches": len(latencies),
+        "latency_ms_p50": float(np.percentile(latencies, 50) * 1e3) if latencies else None,
+        "devices": [
+            {
+                "student": s.name,
+                "endpoint": endpoint,
+                "contributed_images": int(c),
+                "bytes_sent_per_image": float(b_out / max(n_images, 1)),
+                "bytes_received_per_image": float(b_in / max(n_images, 1)),
+                "last_error": errors.get(endpoint),
+            }
+            for s, endpoint, c, b_out, b_in in zip(bundle.students, endpoints, contributed, sent, received)
+        ],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    shown = min(n_images, 20)
+    for index in range(shown):
+        line = f"{index:5d}  {report['labels'][index]}"
+        if labels is not None:
+            line += f"  (label {bundle.class_names[int(labels[index])]})"
+        print(line)
+    if shown < n_images:
+        print(f"  ... {n_images - shown} more")
+    print(f"{n_images} images in {len(latencies)} batches, p50 batch latency {report['latency_ms_p50']:.2f} ms")
+    if report["accuracy"] is not None:
+        print(f"accuracy {report['accuracy'] * 100:.2f}%")
+    if degraded_batches:
+        print(f"degraded: {degraded_batches} of {len(latencies)} batches missed at least one device")
+    for d in report["devices"]:
+        status = f"{d['contributed_images']}/{n_images} images"
+        print(
+            f"  {d['student']} @ {d['endpoint']}: {status}, {d['bytes_sent_per_image']:.0f} B sent / "
+            f"{d['bytes_received_per_image']:.0f} B received per image"
+            + (f"; last error: {d['last_error']}" if d["last_error"] else "")
+        )
+    return 0

@@ -1,0 +1,179 @@
+"""Helpers for the runtime tests: tiny ONNX models built with onnx.helper (no torch) and certificates."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def tiny_student(path: Path, features: int, input_shape=(1, 4, 4), seed: int = 0, input_name: str = "input", output_name: str = "features") -> Path:
+    """input (N, C, H, W) -> flatten -> matmul -> relu -> (N, features): a stand-in student."""
+    rng = np.random.default_rng(seed)
+    flat = int(np.prod(input_shape))
+    weight = numpy_helper.from_array(rng.normal(size=(flat, features)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Flatten", [input_name], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["pre"]),
+        helper.make_node("Relu", ["pre"], [output_name]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "student",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", *input_shape])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", features])],
+        initializer=[weight],
+    )
+    return _save(graph, path)
+
+
+def tiny_head(path: Path, in_features: int, classes: int, seed: int = 1) -> Path:
+    """features (N, F) -> linear -> logits (N, classes): a stand-in for the ensemble's head."""
+    rng = np.random.default_rng(seed)
+    weight = numpy_helper.from_array(rng.normal(size=(in_features, classes)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.normal(size=(classes,)).astype(np.float32), "b")
+    nodes = [helper.make_node("MatMul", ["features", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["logits"])]
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", in_features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[weight, bias],
+    )
+    return _save(graph, path)
+
+
+def make_certificates(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1, a client certificate, and a rogue CA's client certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def key_pair():
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def build(subject, issuer, public_key, signing_key, ca: bool, usage=None, san=None):
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if usage:
+            b = b.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(signing_key, hashes.SHA256())
+
+    def write(stem: str, cert, key) -> None:
+        (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        if key is not None:
+            (directory / f"{stem}.key").write_bytes(
+                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            )
+
+    ca_key = key_pair()
+    ca = build(name("nonn test CA"), name("nonn test CA"), ca_key.public_key(), ca_key, ca=True)
+    write("ca", ca, None)
+    server_key = key_pair()
+    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    write("server", build(name("localhost"), ca.subject, server_key.public_key(), ca_key, False, [ExtendedKeyUsageOID.SERVER_AUTH], san), server_key)
+    client_key = key_pair()
+    write("client", build(name("aggregator"), ca.subject, client_key.public_key(), ca_key, False, [ExtendedKeyUsageOID.CLIENT_AUTH]), client_key)
+    rogue_key = key_pair()
+    rogue_ca = build(name("rogue CA"), name("rogue CA"), rogue_key.public_key(), rogue_key, ca=True)
+    write("rogue_ca", rogue_ca, None)
+    rogue_client_key = key_pair()
+    write("rogue_client", build(name("intruder"), rogue_ca.subject, rogue_client_key.public_key(), rogue_key, False, [ExtendedKeyUsageOID.CLIENT_AUTH]), rogue_client_key)
+    return {stem: directory / f"{stem}.{ext}" for stem in ("ca", "server", "client", "rogue_ca", "rogue_client") for ext in ("pem",)} | {
+        f"{stem}_key": directory / f"{stem}.key" for stem in ("server", "client", "rogue_client")
+    }
+
+
+def make_bundle(directory: Path, feature_sizes=(3, 2, 4, 3), input_shape=(1, 4, 4), classes: int = 5):
+    """A complete nonn.bundle/1 directory of tiny models; returns the loaded Bundle."""
+    from nonn.artifacts import sha256_file
+    from nonn.runtime.bundle import Bundle, ModelEntry, Preprocessing, StudentEntry, TensorSpec
+
+    directory.mkdir(parents=True, exist_ok=True)
+    students = []
+    offset = 0
+    for k, size in enumerate(feature_sizes):
+        path = tiny_student(directory / f"student_{k}.onnx", size, input_shape, seed=k)
+        students.append(
+            StudentEntry(
+                name=f"student_{k}",
+                file=path.name,
+                sha256=sha256_file(path),
+                input=TensorSpec("input", [-1, *input_shape]),
+                output=TensorSpec("features", [-1, size]),
+                params=int(np.prod(input_shape)) * size,
+                flops=2 * int(np.prod(input_shape)) * size,
+                size_bytes=path.stat().st_size,
+                feature_size=size,
+                group=list(range(offset, offset + size)),
+                index=k,
+            )
+        )
+        offset += size
+    head_path = tiny_head(directory / "head.onnx", offset, classes)
+    head = ModelEntry(
+        name="head",
+        file=head_path.name,
+        sha256=sha256_file(head_path),
+        input=TensorSpec("features", [-1, offset]),
+        output=TensorSpec("logits", [-1, classes]),
+        params=offset * classes + classes,
+        flops=2 * offset * classes,
+        size_bytes=head_path.stat().st_size,
+    )
+    c = input_shape[0]
+    bundle = Bundle(
+        students=students,
+        head=head,
+        preprocessing=Preprocessing(mean=[0.5] * c, std=[0.25] * c, input_shape=list(input_shape)),
+        class_names=[f"class{i}" for i in range(classes)],
+        triton_repository_dir=None,
+        root=directory,
+    )
+    bundle.save()
+    return Bundle.load(directory)
+
+
+def reference_logits(bundle, batch: np.ndarray, missing=()) -> np.ndarray:
+    """The ensemble's answer computed in-process with ONNX Runtime (zeros for `missing` students)."""
+    import onnxruntime as ort
+
+    parts = []
+    for k, s in enumerate(bundle.students):
+        if k in missing:
+            parts.append(np.zeros((len(batch), s.feature_size), np.float32))
+        else:
+            sess = ort.InferenceSession(str(bundle.path_of(s)), providers=["CPUExecutionProvider"])
+            parts.append(sess.run(None, {s.input.name: batch})[0])
+    head = ort.InferenceSession(str(bundle.path_of(bundle.head)), providers=["CPUExecutionProvider"])
+    return head.run(None, {bundle.head.input.name: np.concatenate(parts, axis=1)})[0]
