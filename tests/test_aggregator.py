@@ -1,0 +1,259 @@
+"""The aggregator against real device servers on loopback: parity, degraded/strict, deadline, retry, kill."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2 as pb
+
+from nonn.cli import main
+from nonn.runtime.aggregator import AggregationError, Aggregator, AggregatorBackend, EnsembleSpec, preprocess_images
+from nonn.runtime.onnx_model import OnnxModel
+from nonn.runtime.server import DeviceServer, InferenceServicer, InferOutput, ModelBackend, OnnxBackend, student_backend
+
+from runtime_testing import make_bundle, reference_logits, tiny_student
+
+pytestmark = pytest.mark.timeout(90)
+
+SHAPE = (1, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "b", feature_sizes=(3, 2, 4, 3), input_shape=SHAPE)
+
+
+@pytest.fixture(scope="module")
+def devices(bundle):
+    servers = [DeviceServer(student_backend(bundle, s.name)).start_background() for s in bundle.students]
+    yield servers
+    for server in servers:
+        server.stop_background(0)
+
+
+def batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, *SHAPE)).astype(np.float32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_results_equal_in_process_onnx_runtime(bundle, devices):
+    x = batch(5)
+    with Aggregator(bundle.root, [d.address for d in devices], deadline_s=5) as agg:
+        assert agg.check_devices_sync() == []
+        result = agg.infer_sync(x)
+    np.testing.assert_allclose(result.logits, reference_logits(bundle, x), rtol=1e-5, atol=1e-5)
+    assert result.contributed == [True] * 4 and not result.degraded
+    assert result.attempts == [1] * 4
+    # Serialized sizes: every request carries the 5 images, every reply its features.
+    for size, sent, received in zip(bundle.feature_sizes, result.bytes_sent, result.bytes_received):
+        assert 5 * 16 * 4 < sent < 5 * 16 * 4 + 200
+        assert 5 * size * 4 < received < 5 * size * 4 + 200
+
+
+def test_async_api_and_concurrent_requests(bundle, devices):
+    async def run():
+        async with Aggregator(bundle, [d.address for d in devices]) as agg:
+            return await asyncio.gather(*(agg.infer(batch(2, seed)) for seed in range(8)))
+
+    results = asyncio.run(run())
+    for seed, result in enumerate(results):
+        np.testing.assert_allclose(result.logits, reference_logits(bundle, batch(2, seed)), rtol=1e-5, atol=1e-5)
+
+
+def test_down_device_degrades_or_fails_in_strict_mode(bundle, devices):
+    endpoints = [d.address for d in devices]
+    endpoints[2] = f"127.0.0.1:{free_port()}"  # nobody listens there
+    x = batch(3)
+    with Aggregator(bundle, endpoints, deadline_s=2, retries=1) as agg:
+        result = agg.infer_sync(x)
+    assert result.contributed == [True, True, False, True]
+    assert result.attempts[2] == 2 and "UNAVAILABLE" in result.errors[2]
+    np.testing.assert_allclose(result.logits, reference_logits(bundle, x, missing={2}), rtol=1e-5, atol=1e-5)
+    with Aggregator(bundle, endpoints, deadline_s=2, retries=0, strict=True) as agg:
+        with pytest.raises(AggregationError, match="student_2"):
+            agg.infer_sync(x)
+
+
+class SlowBackend(ModelBackend):
+    def __init__(self, name: str, features: int, delay_s: float) -> None:
+        self.name, self.delay_s = name, delay_s
+        from nonn.runtime.codec import TensorSpec
+
+        self.inputs = [TensorSpec("input", "FP32", (-1, *SHAPE))]
+        self.outputs = [TensorSpec("features", "FP32", (-1, features))]
+
+    async def infer(self, inputs, outputs):
+        await asyncio.sleep(self.delay_s)
+        return InferOutput({"features": np.ones((len(inputs["input"]), self.outputs[0].shape[1]), np.float32)})
+
+
+def test_deadline_bounds_a_slow_device(bundle, devices):
+    slow = DeviceServer(SlowBackend("student_1", 2, delay_s=2.0)).start_background()
+    try:
+        endpoints = [d.address for d in devices]
+        endpoints[1] = slow.address
+        with Aggregator(bundle, endpoints, deadline_s=0.3) as agg:
+            started = time.perf_counter()
+            result = agg.infer_sync(batch(1))
+            elapsed = time.perf_counter() - started
+        assert result.contributed == [True, False, True, True]
+        assert "DEADLINE_EXCEEDED" in result.errors[1]
+        assert elapsed < 1.5
+    finally:
+        slow.stop_background(0)
+
+
+class FlakyServicer(InferenceServicer):
+    """Answers UNAVAILABLE to the first `failures` ModelInfer calls, then serves normally."""
+
+    def __init__(self, backends, failures: int) -> None:
+        super().__init__(backends)
+        self.failures = failures
+        self.calls = 0
+
+    async def ModelInfer(self, request, context):
+        self.calls += 1
+        if self.calls <= self.failures:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        return await super().ModelInfer(request, context)
+
+
+@pytest.mark.parametrize("retries, ok", [(2, True), (1, False)])
+def test_retry_on_unavailable(bundle, devices, retries, ok):
+    flaky = DeviceServer(student_backend(bundle, "student_0"))
+    flaky.servicer = FlakyServicer(flaky.backends, failures=2)
+    flaky.start_background()
+    try:
+        endpoints = [flaky.address] + [d.address for d in devices[1:]]
+        with Aggregator(bundle, endpoints, deadline_s=5, retries=retries, backoff_s=0.01) as agg:
+            result = agg.infer_sync(batch(2))
+        assert result.contributed[0] is ok
+        assert result.attempts[0] == retries + 1
+        assert flaky.servicer.calls == retries + 1
+        if ok:
+            np.testing.assert_allclose(result.logits, reference_logits(bundle, batch(2)), rtol=1e-5, atol=1e-5)
+        else:
+            assert "UNAVAILABLE: warming up" in result.errors[0]
+    finally:
+        flaky.stop_background(0)
+
+
+def test_wrong_reply_shape_is_not_used(bundle, devices, tmp_path):
+    wrong = DeviceServer(OnnxBackend(OnnxModel(tiny_student(tmp_path / "w.onnx", 5, SHAPE)), "student_3")).start_background()
+    try:
+        endpoints = [d.address for d in devices[:3]] + [wrong.address]
+        with Aggregator(bundle, endpoints) as agg:
+            assert any("student_3" in p for p in agg.check_devices_sync())
+            result = agg.infer_sync(batch(2))
+        assert result.contributed == [True, True, True, False]
+        assert "bad reply" in result.errors[3] and "[2, 3]" in result.errors[3]
+    finally:
+        wrong.stop_background(0)
+
+
+def spawn_device(bundle, student: str, ready: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "nonn", "serve", "--bundle", str(bundle.root), "--student", student, "--port", "0", "--ready-file", str(ready)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read().decode())
+        assert time.monotonic() < deadline, "device did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def test_device_killed_mid_stream_gives_degraded_answers_and_loses_nothing(bundle, devices, tmp_path):
+    proc = spawn_device(bundle, "student_3", tmp_path / "ready.json")
+    try:
+        endpoints = [d.address for d in devices[:3]] + [json.loads((tmp_path / "ready.json").read_text())["address"]]
+
+        async def stream():
+            results = []
+            async with Aggregator(bundle, endpoints, deadline_s=1.0, retries=1) as agg:
+
+                async def one(i):
+                    if i == 12:
+                        proc.send_signal(signal.SIGKILL)
+                    return i, await agg.infer(batch(1, i))
+
+                # 40 requests, 4 in flight at a time; the device dies during the stream.
+                for start in range(0, 40, 4):
+                    results += await asyncio.gather(*(one(i) for i in range(start, start + 4)))
+            return results
+
+        results = asyncio.run(stream())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [i for i, _ in results] == list(range(40))  # every request answered
+    assert all(r.contributed[3] for i, r in results if i < 12)
+    assert all(r.contributed == [True, True, True, False] for i, r in results[16:])
+    for i, r in results:
+        expected = reference_logits(bundle, batch(1, i), missing=set() if r.contributed[3] else {3})
+        np.testing.assert_allclose(r.logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ensemble_served_as_one_model_to_a_stock_client(bundle, devices):
+    import tritonclient.grpc as triton
+
+    agg = Aggregator(bundle, [d.address for d in devices[:3]] + [f"127.0.0.1:{free_port()}"], retries=0)
+    front = DeviceServer(AggregatorBackend(agg)).start_background()
+    try:
+        client = triton.InferenceServerClient(front.address)
+        assert client.is_model_ready("ensemble")
+        meta = client.get_model_metadata("ensemble")
+        assert list(meta.outputs[0].shape) == [-1, 5]
+        x = batch(3)
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer("ensemble", [tensor])
+        np.testing.assert_allclose(result.as_numpy("logits"), reference_logits(bundle, x, missing={3}), rtol=1e-5, atol=1e-5)
+        params = result.get_response().parameters
+        assert params["contributed"].string_param == "1,1,1,0" and params["degraded"].bool_param
+        client.close()
+    finally:
+        front.stop_background(0)
+
+
+def test_cli_infer_json(bundle, devices, tmp_path, capsys):
+    images = np.random.default_rng(3).integers(0, 256, size=(7, 4, 4), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    code = main(["infer", "--bundle", str(bundle.root), "--devices", ",".join(d.address for d in devices),
+                 "--input", str(tmp_path / "images.npy"), "--batch-size", "3", "--json"])  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    pre = bundle.preprocessing
+    x = preprocess_images(images, pre.mean, pre.std, pre.input_shape, pre.pixel_scale)
+    assert report["predictions"] == reference_logits(bundle, x).argmax(1).tolist()
+    assert report["batches"] == 3 and report["degraded_batches"] == 0
+    assert [d["contributed_images"] for d in report["devices"]] == [7] * 4
+
+
+def test_bad_inputs_are_named(bundle, devices, tmp_path, capsys):
+    with pytest.raises(ValueError, match="2 device endpoint"):
+        Aggregator(bundle, "127.0.0.1:1,127.0.0.1:2")
+    with pytest.raises(ValueError, match="not host:port"):
+        Aggregator(bundle, ["a:1", "b:2", "c", "d:4"])
+    with Aggregator(bundle, [d.address for d in devices]) as agg:
+        with pytest.raises(ValueError, match="dimension 2 is 5"):
+            agg.infer_sync(np.zeros((1, 1, 5, 4), np.float32))
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 3)))
+    code = main(["infer", "--bundle", str(bundle.root), "--devices", ",".join(d.address for d in devices), "--input", str(tmp_path / "bad.npy")])
+    assert code == 2 and "expected (N, 1, 4, 4)" in capsys.readouterr().err
