@@ -1,0 +1,692 @@
+"""Joint training of the K NoNN students: KD + activation transfer, student dropout, DDP, resume.
+
+`train_students(StudentsConfig(...))` trains the "unified student model" of NONN.md section 3
+with one optimizer: the frozen teacher's logits (KD) and its final-layer feature map (captured
+by a forward hook on the teacher's feature layer) supervise the K students, each through the
+teacher channels of its own filter group. Each epoch ends with an evaluation on the test split
+(ensemble accuracy and accuracy with each student zeroed), one JSON line of metrics and an
+atomic checkpoint ("format": "nonn.students/1"); `resume=True` continues a stopped run so that
+it ends exactly where an uninterrupted run would have (CPU, same seed).
+
+Under `torchrun --nproc_per_node N` the model is wrapped in DistributedDataParallel (gloo on
+CPU, nccl on GPU); every rank draws the same global batch (same seeded loader) and takes its
+own interleaved slice of it, as a DistributedSampler would, and only rank 0 evaluates and
+writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from nonn.artifacts import ArtifactError, atomic_write_text
+from nonn.students.ensemble import (
+    StudentEnsemble,
+    StudentSpec,
+    build_ensemble,
+    ensemble_from_specs,
+    parse_arch_list,
+    sample_presence,
+)
+from nonn.students.evaluate import evaluate_ensemble, student_name
+from nonn.students.losses import KDLoss, make_transfer_loss
+
+__all__ = [
+    "FORMAT",
+    "BASELINES",
+    "StudentsConfig",
+    "LoadedStudents",
+    "train_students",
+    "load_students",
+    "resolve_device",
+    "check_dataset_matches",
+    "random_partition_groups",
+    "TeacherFeatures",
+]
+
+FORMAT = "nonn.students/1"
+BASELINES = ("single-kd", "random-partition", "no-at")
+AT_FORMS = ("pooled", "spatial", "none")
+SCHEDULES = ("cosine", "step")
+
+log = logging.getLogger(__name__)
+
+# Settings that only say where or how to run; everything else must match to resume a run.
+_RUN_ONLY_FIELDS = {"out", "resume", "overwrite", "progress", "device", "amp", "metrics", "teacher", "teacher_factory", "weights", "partition", "data_dir", "epochs"}
+
+
+@dataclass
+class StudentsConfig:
+    """Everything that defines a students training run (saved in the checkpoint)."""
+
+    partition: str  # partition.json
+    out: str  # students checkpoint to write
+    teacher: str | None = None  # nonn teacher checkpoint, or
+    teacher_factory: str | None = None  # "package.module:function" ...
+    weights: str | None = None  # ... with this state_dict / checkpoint
+    layer: str | None = None  # teacher feature layer (default: the partition's)
+    dataset: str = "digits"
+    data_dir: str | None = None
+    arch: str = "wrn-16-1"  # one spec for all students or a comma list, e.g. "wrn-10-1:width=8"
+    num_students: int | None = None  # if given, must equal the partition's K
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine over all epochs, or step (StepLR(step_size, gamma))
+    step_size: int = 20
+    gamma: float = 0.2
+    alpha: float = 0.9  # KD weight
+    temperature: float = 4.0
+    kd_scale: float = 1.0  # 2.0 = the prototype's 2 * alpha * T^2 weighting of the KL term
+    at: str = "pooled"  # activation transfer: pooled, spatial, none
+    beta: float | None = None  # default: 1e4 pooled, 1e3 spatial
+    student_dropout: float = 0.0  # per-sample probability of zeroing a student's vector
+    baseline: str | None = None  # single-kd, random-partition, no-at
+    seed: int = 0
+    train_limit: int | None = None  # use only the first N training images
+    eval_limit: int | None = None  # evaluate on the first N test images
+    device: str = "auto"
+    amp: bool = True  # mixed precision (only on CUDA)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    metrics: str | None = None  # JSON-lines log (default: <out>.metrics.jsonl)
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, naming the bad value."""
+        if self.teacher is None and self.teacher_factory is None:
+            raise ValueError("a teacher is needed: give --teacher teacher.pt or --teacher-factory MODULE:FUNCTION --weights FILE")
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 2, f"batch size must be >= 2 (BatchNorm), got {self.batch_size}"),
+            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (self.schedule in SCHEDULES, f"schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}"),
+            (self.at in AT_FORMS, f"activation transfer {self.at!r}: expected one of {', '.join(AT_FORMS)}"),
+            (self.beta is None or self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
+            (0.0 <= self.student_dropout < 1.0, f"student dropout must lie in [0, 1), got {self.student_dropout}"),
+            (self.baseline is None or self.baseline in BASELINES, f"baseline {self.baseline!r}: expected one of {', '.join(BASELINES)}"),
+            (self.num_students is None or self.num_students >= 1, f"number of students must be >= 1, got {self.num_students}"),
+            (self.train_limit is None or self.train_limit >= 2, f"train limit must be >= 2 images, got {self.train_limit}"),
+            (self.eval_limit is None or self.eval_limit >= 1, f"eval limit must be >= 1 image, got {self.eval_limit}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        KDLoss(self.alpha, self.temperature, self.kd_scale)  # validates alpha, T, scale
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.metrics) if self.metrics else Path(str(self.out) + ".metrics.jsonl")
+
+    @property
+    def effective_at(self) -> str:
+        return "none" if self.baseline in ("single-kd", "no-at") else self.at
+
+
+@dataclass
+class LoadedStudents:
+    """A students checkpoint, rebuilt: the ensemble (eval mode) and everything else it recorded."""
+
+    ensemble: StudentEnsemble
+    meta: dict[str, Any]  # the checkpoint without weights/optimizer state
+
+    @property
+    def groups(self) -> list[list[int]]:
+        return self.ensemble.groups
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and distributed set-up
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else must be a valid, present device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_name: str) -> tuple[_Dist, torch.device]:
+    """Join the torchrun process group when launched under it (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist(), resolve_device(device_name)
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return _Dist(rank, world, local_rank), device
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher features by forward hook
+
+
+class TeacherFeatures:
+    """Runs the frozen teacher and captures its final feature map with a forward hook.
+
+    `__call__(x)` returns (logits, feature_map) without building a graph; the teacher stays in
+    eval mode with requires_grad off, and is never modified.
+    """
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.module = find_layer(model, layer)
+        self.layer = layer
+        self._captured: Tensor | None = None
+        self._handle = self.module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self._captured = output
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self._captured = None
+        logits = self.model(x)
+        features = self._captured
+        if not isinstance(features, Tensor) or features.dim() != 4:
+            shape = None if not isinstance(features, Tensor) else tuple(features.shape)
+            raise ValueError(f"teacher layer {self.layer!r} produced {shape}, expected an (N, C, H, W) feature map")
+        return logits, features
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def find_layer(model: nn.Module, layer: str) -> nn.Module:
+    """The named sub-module, or a ValueError listing the valid names."""
+    try:
+        return model.get_submodule(layer)
+    except AttributeError:
+        names = [name for name, _ in model.named_modules() if name]
+        shown = ", ".join(names[-12:])
+        raise ValueError(f"teacher has no layer {layer!r}; valid names include: {shown} ({len(names)} in all)") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: teacher, partition, data set
+
+
+def check_dataset_matches(recorded: dict[str, Any], data: Any, what: str) -> None:
+    """The data set must have the input shape and classes an artifact was trained for."""
+    if not recorded:
+        return
+    shape = recorded.get("input_shape")
+    if shape is not None and tuple(shape) != tuple(data.input_shape):
+        raise ValueError(f"{what} expects images of shape {tuple(shape)}, but data set {data.name!r} has {tuple(data.input_shape)}")
+    classes = recorded.get("num_classes")
+    if classes is not None and int(classes) != int(data.num_classes):
+        raise ValueError(f"{what} expects {classes} classes, but data set {data.name!r} has {data.num_classes}")
+
+
+def _partition_dict(partition: Any) -> dict[str, Any]:
+    if hasattr(partition, "to_dict"):
+        return dict(partition.to_dict())
+    if dataclasses.is_dataclass(partition):
+        return dataclasses.asdict(partition)
+    return dict(partition)
+
+
+def validate_groups(groups: Sequence[Sequence[int]], num_channels: int, source: str) -> list[list[int]]:
+    """Groups must be non-empty, disjoint lists of channel indices below num_channels."""
+    seen: set[int] = set()
+    out = []
+    for k, group in enumerate(groups):
+        group = [int(i) for i in group]
+        if not group:
+            raise ValueError(f"{source}: group {k} is empty")
+        bad = [i for i in group if not 0 <= i < num_channels]
+        if bad:
+            raise ValueError(
+                f"{source}: group {k} names filters {bad[:5]} but the teacher layer has {num_channels} channels "
+                "(was the partition made for another teacher or layer?)"
+            )
+        dup = seen.intersection(group)
+        if dup or len(set(group)) != len(group):
+            raise ValueError(f"{source}: filter groups overlap (filters {sorted(dup)[:5] or group[:5]} appear twice)")
+        seen.update(group)
+        out.append(group)
+    return out
+
+
+def random_partition_groups(sizes: Sequence[int], num_filters: int, seed: int) -> list[list[int]]:
+    """The random-partition ablation: disjoint random groups of the given sizes from all filters."""
+    if sum(sizes) > num_filters:
+        raise ValueError(f"groups of sizes {list(sizes)} need {sum(sizes)} filters, only {num_filters} exist")
+    order = np.random.default_rng(seed).permutation(num_filters)
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(sorted(int(i) for i in order[start : start + size]))
+        start += size
+    return groups
+
+
+@dataclass
+class _Setup:
+    """Everything train_students resolved from the config before training."""
+
+    data: Any
+    teacher: Any  # LoadedTeacher
+    features: TeacherFeatures
+    layer: str
+    num_channels: int
+    out_hw: tuple[int, int]
+    groups: list[list[int]]
+    archs: list[tuple[str, dict[str, Any]]]
+    partition: dict[str, Any]
+    teacher_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _prepare(config: StudentsConfig, device: torch.device) -> _Setup:
+    from nonn.partition import Partition
+    from nonn.students.data import load_dataset
+    from nonn.students.teacher import load_teacher
+
+    partition = Partition.load(config.partition)
+    part = _partition_dict(partition)
+    groups = [list(g) for g in partition.groups]
+    if config.num_students is not None and config.num_students != len(groups):
+        raise ValueError(
+            f"--students {config.num_students} disagrees with {config.partition}, which has {len(groups)} groups"
+        )
+    data = load_dataset(config.dataset, config.data_dir)
+    teacher = load_teacher(config.teacher, factory=config.teacher_factory, weights=config.weights, map_location="cpu")
+    teacher_name = config.teacher or config.teacher_factory
+    if teacher.dataset:
+        check_dataset_matches(teacher.dataset, data, what=f"teacher {teacher_name}")
+    recorded = part.get("teacher") or {}
+    recorded_arch = recorded.get("arch")
+    if recorded_arch and teacher.arch and _arch_key(recorded_arch) != _arch_key(teacher.arch):
+        raise ValueError(
+            f"teacher {teacher_name} is a {_arch_key(teacher.arch)} but {config.partition} was made for a "
+            f"{_arch_key(recorded_arch)}"
+        )
+    if recorded.get("fingerprint") and recorded["fingerprint"] != teacher.fingerprint:
+        log.warning("teacher %s is not the teacher %s was computed from (fingerprint differs)", teacher_name, config.partition)
+    layer = config.layer or part.get("layer") or teacher.feature_layer
+    if not layer:
+        raise ValueError("the teacher's feature layer is unknown: give --layer NAME")
+    model = teacher.model.to(device)
+    features = TeacherFeatures(model, layer)
+    probe = torch.as_tensor(data.normalize(data.test_x[:2] if len(data.test_x) >= 2 else data.train_x[:2])).to(device)
+    logits, fmap = features(probe)
+    if logits.shape[-1] != data.num_classes:
+        raise ValueError(f"teacher {teacher_name} predicts {logits.shape[-1]} classes, data set {data.name!r} has {data.num_classes}")
+    num_channels, out_hw = int(fmap.shape[1]), (int(fmap.shape[2]), int(fmap.shape[3]))
+    recorded_filters = part.get("num_filters")
+    if recorded_filters is not None and int(recorded_filters) != num_channels:
+        raise ValueError(
+            f"{config.partition} partitions {recorded_filters} filters but teacher layer {layer!r} has {num_channels} channels"
+        )
+    groups = validate_groups(groups, num_channels, str(config.partition))
+    sizes = [len(g) for g in groups]
+    if config.baseline == "random-partition":
+        groups = random_partition_groups(sizes, num_channels, config.seed)
+    archs = parse_arch_list(config.arch, len(groups))
+    if config.baseline == "single-kd":
+        # One student as large as the largest NoNN student, trained with KD alone.
+        groups = [sorted(max(groups, key=len))]
+        archs = archs[:1]
+    teacher_meta = {
+        "arch": teacher.arch,
+        "factory": teacher.factory,
+        "fingerprint": teacher.fingerprint,
+        "params": int(sum(p.numel() for p in teacher.model.parameters())),
+        "feature_layer": layer,
+        "num_filters": num_channels,
+        "feature_hw": list(out_hw),
+    }
+    return _Setup(data, teacher, features, layer, num_channels, out_hw, groups, archs, part, teacher_meta)
+
+
+def _arch_key(arch: Any) -> str:
+    if isinstance(arch, dict):
+        kwargs = arch.get("kwargs") or {}
+        opts = "".join(f":{k}={v}" for k, v in sorted(kwargs.items()) if k != "dropout")
+        return f"{arch.get('name')}{opts} ({arch.get('num_classes')} classes, {arch.get('in_channels')} channels)"
+    return str(arch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _config_dict(config: StudentsConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _check_resume_settings(saved: dict[str, Any], config: StudentsConfig, setup: _Setup, path: Path) -> None:
+    """A resumed run must have the same training settings, teacher and groups as the saved one."""
+    current = _config_dict(config)
+    saved_cfg = saved.get("config") or {}
+    diffs = [
+        f"{key}: saved {saved_cfg.get(key)!r}, now {current[key]!r}"
+        for key in sorted(current)
+        if key not in _RUN_ONLY_FIELDS and saved_cfg.get(key) != current[key]
+    ]
+    if saved_cfg.get("epochs") != config.epochs and (config.schedule == "cosine" or config.epochs < int(saved.get("epoch", 0))):
+        diffs.append(f"epochs: saved {saved_cfg.get('epochs')!r}, now {config.epochs!r}")
+    if (saved.get("teacher") or {}).get("fingerprint") != setup.teacher_meta["fingerprint"]:
+        diffs.append("teacher: the weights differ from the ones this run started with")
+    if saved.get("groups") != setup.groups:
+        diffs.append("partition: the filter groups differ")
+    if diffs:
+        raise ValueError(f"cannot resume {path} with different settings ({'; '.join(diffs)}); use another --out to start anew")
+
+
+def _load_raw(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    from nonn.students.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, FORMAT, map_location=map_location)
+
+
+def load_students(path: str | os.PathLike[str], map_location: Any = "cpu") -> LoadedStudents:
+    """Rebuild the ensemble from a students checkpoint (eval mode, on map_location)."""
+    raw = _load_raw(path, map_location)
+    try:
+        specs = [StudentSpec.from_dict(s["spec"]) for s in raw["students"]]
+        groups = [list(map(int, g)) for g in raw["groups"]]
+        num_classes = int(raw["dataset"]["num_classes"])
+        ensemble = ensemble_from_specs(specs, groups, num_classes)
+        for student, entry in zip(ensemble.students, raw["students"]):
+            student.load_state_dict(entry["state_dict"])
+        ensemble.head.load_state_dict(raw["head"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path}: students checkpoint is malformed ({exc})") from exc
+    meta = {k: v for k, v in raw.items() if k not in ("students", "head", "optimizer", "scheduler", "scaler", "rng")}
+    meta["students"] = [{k: v for k, v in s.items() if k != "state_dict"} for s in raw["students"]]
+    return LoadedStudents(ensemble.to(map_location).eval(), meta)
+
+
+def _rng_state(loader: Any, dropout_gen: torch.Generator) -> dict[str, Any]:
+    state = {"loader": loader.state_dict(), "dropout": dropout_gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any], loader: Any, dropout_gen: torch.Generator) -> None:
+    loader.load_state_dict(state["loader"])
+    dropout_gen.set_state(state["dropout"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(entry) + "\n" for entry in history))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+class _TrainForward(nn.Module):
+    """The ensemble's training forward as a module's forward, so DDP can wrap it."""
+
+    def __init__(self, ensemble: StudentEnsemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x: Tensor, present: Tensor | None, need_maps: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        out = self.ensemble.forward_train(x, present, need_maps)
+        return out.logits, out.pooled, out.maps
+
+
+def _shard(x: Tensor, dist_info: _Dist) -> Tensor:
+    return x[dist_info.rank :: dist_info.world] if dist_info.enabled else x
+
+
+def _amp_context(device: torch.device, enabled: bool) -> tuple[contextlib.AbstractContextManager, Any]:
+    """autocast (bf16 where supported, else fp16 with a GradScaler) on CUDA; nothing on CPU."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def _make_scheduler(config: StudentsConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+
+
+def _progress(iterable: Any, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=len(iterable), leave=False, dynamic_ncols=True)
+
+
+def _summary_metrics(report: Any, ensemble: StudentEnsemble, teacher_params: int) -> dict[str, Any]:
+    params = ensemble.params_per_student()
+    return {
+        "accuracy": report.accuracy,
+        "accuracy_without": report.missing_one,
+        "accuracy_without_pair": report.missing_two,
+        "worst_accuracy_one_lost": report.worst_missing_one,
+        "params_per_student": params,
+        "head_params": ensemble.head_parameters(),
+        "teacher_params": teacher_params,
+        "teacher_student_ratio": teacher_params / max(params),
+        "feature_sizes": ensemble.feature_sizes,
+    }
+
+
+def train_students(config: StudentsConfig) -> dict[str, Any]:
+    """Train the K students jointly; returns the final metrics (also saved in the checkpoint).
+
+    Raises ValueError / FileExistsError / ArtifactError on bad input before anything is written.
+    """
+    config.validate()
+    out = Path(config.out)
+    if out.exists() and not config.resume and not config.overwrite:
+        raise FileExistsError(f"{out} exists; pass --resume to continue that run or --overwrite to replace it")
+    if config.resume and not out.exists():
+        raise FileNotFoundError(f"--resume: {out} does not exist (nothing to resume)")
+    dist_info, device = _init_distributed(config.device)
+    setup = _prepare(config, device)
+    saved = _load_raw(out, "cpu") if config.resume else None
+    if saved is not None:
+        _check_resume_settings(saved, config, setup, out)
+
+    torch.manual_seed(config.seed)
+    ensemble = build_ensemble(
+        setup.archs, setup.groups, setup.data.num_classes, setup.data.input_shape[0], setup.out_hw
+    ).to(device)
+    from nonn.students.loader import make_loader
+
+    loader = make_loader(setup.data, "train", batch_size=config.batch_size, train=True, seed=config.seed, limit=config.train_limit)
+    test_loader = make_loader(setup.data, "test", batch_size=max(256, config.batch_size), train=False, limit=config.eval_limit)
+    dropout_gen = torch.Generator().manual_seed(config.seed + 1)
+    optimizer = torch.optim.SGD(
+        ensemble.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.momentum > 0
+    )
+    scheduler = _make_scheduler(config, optimizer)
+    autocast, scaler = _amp_context(device, config.amp)
+    kd_loss = KDLoss(config.alpha, config.temperature, config.kd_scale)
+    at_form = config.effective_at
+    at_loss = make_transfer_loss(at_form, config.beta)
+    groups_index = [torch.tensor(g, dtype=torch.long, device=device) for g in setup.groups]
+    partition_order = torch.cat(groups_index)
+
+    start_epoch, history = 0, []
+    if saved is not None:
+        for student, entry in zip(ensemble.students, saved["students"]):
+            student.load_state_dict(entry["state_dict"])
+        ensemble.head.load_state_dict(saved["head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        _restore_rng(saved["rng"], loader, dropout_gen)
+        start_epoch, history = int(saved["epoch"]), list(saved.get("history") or [])
+        if config.schedule == "step" and saved["config"].get("epochs") != config.epochs:
+            log.info("extending the run from %s to %s epochs", saved["config"].get("epochs"), config.epochs)
+
+    train_module: nn.Module = _TrainForward(ensemble)
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_module = DistributedDataParallel(train_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    need_maps = at_form == "spatial"
+    show = config.progress and dist_info.is_main
+    metrics: dict[str, Any] = dict(saved.get("metrics") or {}) if saved is not None else {}
+    teacher_params = setup.teacher_meta["params"]
+    for epoch in range(start_epoch, config.epochs):
+        ensemble.train()
+        sums = {"loss": 0.0, "kd": 0.0, "at": 0.0, "correct": 0.0, "images": 0}
+        started = time.perf_counter()
+        bar = _progress(loader, show, f"epoch {epoch + 1}/{config.epochs}")
+        for x_all, y_all in bar:
+            if len(y_all) < 2 * dist_info.world:
+                continue  # too few images for BatchNorm on every rank; every rank skips alike
+            present_all = sample_presence(len(y_all), ensemble.num_students, config.student_dropout, dropout_gen)
+            x = _shard(x_all, dist_info).to(device, non_blocking=True)
+            y = _shard(y_all, dist_info).to(device, non_blocking=True)
+            present = _shard(present_all, dist_info).to(device)
+            with autocast:
+                t_logits, t_map = setup.features(x)
+                logits, pooled, maps = train_module(x, present if config.student_dropout > 0 else None, need_maps)
+                kd = kd_loss(logits, t_logits, y)
+                if at_form == "pooled":
+                    t_pooled = t_map.float().mean(dim=(2, 3)).index_select(1, partition_order)
+                    at = at_loss(torch.cat(pooled, dim=1), t_pooled)
+                elif at_form == "spatial":
+                    at = at_loss(maps, [t_map.index_select(1, idx) for idx in groups_index])
+                else:
+                    at = torch.zeros((), device=device)
+                loss = kd + at
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch + 1}; lower --lr or --beta")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            n = len(y)
+            sums["loss"] += loss.item() * n
+            sums["kd"] += kd.item() * n
+            sums["at"] += at.item() * n
+            sums["correct"] += (logits.argmax(dim=1) == y).sum().item()
+            sums["images"] += n
+            if show:
+                bar.set_postfix(loss=f"{sums['loss'] / sums['images']:.3f}", acc=f"{sums['correct'] / sums['images']:.3f}")
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        elapsed = time.perf_counter() - started
+        if dist_info.enabled:
+            sums = _all_reduce_sums(sums, device)
+        if dist_info.is_main:
+            report = evaluate_ensemble(ensemble, test_loader, device, pairs=ensemble.num_students >= 4)
+            images = max(sums["images"], 1)
+            entry = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "loss": sums["loss"] / images,
+                "kd_loss": sums["kd"] / images,
+                "at_loss": sums["at"] / images,
+                "train_accuracy": sums["correct"] / images,
+                "test_accuracy": report.accuracy,
+                "accuracy_without": report.missing_one,
+                "contribution": {name: report.accuracy - acc for name, acc in report.missing_one.items()},
+                "images_per_s": sums["images"] / elapsed if elapsed > 0 else None,
+                "seconds": elapsed,
+            }
+            history.append(entry)
+            metrics = _summary_metrics(report, ensemble, teacher_params)
+            log.info(
+                "epoch %d/%d loss %.4f (kd %.4f, at %.4f) train acc %.4f test acc %.4f",
+                epoch + 1, config.epochs, entry["loss"], entry["kd_loss"], entry["at_loss"], entry["train_accuracy"], report.accuracy,
+            )
+            checkpoint = {
+                "format": FORMAT,
+                "epoch": epoch + 1,
+                "complete": epoch + 1 == config.epochs,
+                "baseline": config.baseline,
+                "students": [
+                    {"name": student_name(k), "spec": s.spec.to_dict(), "group": setup.groups[k], "state_dict": s.state_dict()}
+                    for k, s in enumerate(ensemble.students)
+                ],
+                "head": ensemble.head.state_dict(),
+                "groups": setup.groups,
+                "partition": setup.partition,
+                "dataset": setup.data.meta(),
+                "teacher": setup.teacher_meta,
+                "activation_transfer": at_form,
+                "config": _config_dict(config),
+                "history": history,
+                "metrics": metrics,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": _rng_state(loader, dropout_gen),
+            }
+            from nonn.students.checkpoint import save_checkpoint
+
+            save_checkpoint(checkpoint, out)
+            _write_metrics(config.metrics_path, history)
+        if dist_info.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+    setup.features.close()
+    return {"out": str(out), "epochs": config.epochs, "history": history, **metrics}
+
+
+def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return {k: (int(v) if k == "images" else float(v)) for k, v in zip(keys, values.tolist())}
