@@ -639,6 +639,8 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
                 "test_accuracy": report.accuracy,
                 "accuracy_without": report.missing_one,
                 "contribution": {name: report.accuracy - acc for name, acc in report.missing_one.items()},
+                "train_images": sums["images"],
+                "world_size": dist_info.world,
                 "images_per_s": sums["images"] / elapsed if elapsed > 0 else None,
                 "seconds": elapsed,
             }
