@@ -1,0 +1,180 @@
+"""`simulate` end to end: real device server processes, the real aggregator, faults, cleanup."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from fleet_testing import ensemble_predictions, make_bundle, tiny_images, tiny_profile
+from nonn.devices.fleet import FleetError, LocalFleet, live_fleets
+from nonn.devices.netem import LinkModel, NetworkEmulation
+from nonn.devices.report import REQUIRED_KEYS, build_report
+from nonn.devices.simulate import FaultSpec, SimulationConfig, parse_faults, simulate
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("bundle"), feature_sizes=(3, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def data(bundle):
+    x = tiny_images(40)
+    return x, ensemble_predictions(bundle, x)
+
+
+def _started_pids(result) -> list[int]:
+    return [e["pid"] for d in result.devices for e in d["events"] if e["event"] == "start"]
+
+
+def _assert_no_children() -> None:
+    children = [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert children == [], f"processes left running: {[(p.pid, p.cmdline()) for p in children]}"
+    assert live_fleets() == []
+
+
+def test_fault_syntax():
+    assert FaultSpec.parse("1@2") == FaultSpec(1, 2.0, None)
+    assert FaultSpec.parse("0@0.5:3") == FaultSpec(0, 0.5, 3.0)
+    assert str(FaultSpec.parse(" 2 @ 1.5 : 2 ")) == "2@1.5:2"
+    for bad in ("1", "a@2", "1@", "1@2:", "-1@2", "1@2:3:4"):
+        with pytest.raises(ValueError, match="DEVICE@SECONDS"):
+            FaultSpec.parse(bad)
+    with pytest.raises(ValueError, match="device 3 does not exist; devices are 0..2"):
+        parse_faults(["3@1"], 3)
+
+
+def test_simulate_three_students_end_to_end(bundle, data):
+    x, y = data
+    teacher = y.copy()
+    teacher[:10] = (teacher[:10] + 1) % 3  # the teacher disagrees on 10 of 40 images
+    result = simulate(
+        bundle.root,
+        [tiny_profile(latency_ms=4.0, bandwidth_mbps=50.0)] * 3,
+        x,
+        y,
+        teacher_predictions=teacher,
+        config=SimulationConfig(requests=60, concurrency=3, network="delay", progress=False),
+    )
+    report = build_report(result, dataset="tiny")
+    for key in REQUIRED_KEYS:
+        assert key in report
+    assert (report["requests"], report["answered"], report["lost"], report["degraded"]) == (60, 60, 0, 0)
+    # The fleet's answers equal the ensemble run in-process: every image right.
+    assert report["accuracy"] == 1.0
+    # Requests cycle over the 40 images: 0..19 are sent twice, so the 10 disagreements count twice.
+    assert report["teacher_agreement"] == pytest.approx(1 - 20 / 60, abs=1e-6)
+    # The client delay model ran: no request can beat the 4 ms round trip.
+    assert report["network_emulation"]["mode"] == "client-delay"
+    assert report["latency_ms"]["p50"] >= 4.0
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p95"] <= report["latency_ms"]["p99"]
+    for d in report["devices"]:
+        assert d["peak_rss_mb"] > 10  # a real Python + ONNX Runtime process was measured
+        assert d["bytes_per_inference"] > 16 * 4  # at least the 16 input floats went out
+        assert d["bytes_received_per_inference"] > 0 and d["contributed"] == 1.0
+        assert d["starts"] == 1 and not d["over_memory"]
+        assert d["wire_bytes_per_inference"] >= d["bytes_per_inference"]  # HTTP/2 framing on top
+    # The student with 2 features sends back fewer bytes than those with 3.
+    per_dev = [d["bytes_received_per_inference"] for d in report["devices"]]
+    assert per_dev[1] < per_dev[0] == per_dev[2]
+    json.dumps(report)  # plain JSON data
+    pids = _started_pids(result)
+    assert len(pids) == 3 and not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    _assert_no_children()
+
+
+def test_kill_and_restart_gives_degraded_answers_and_loses_nothing(bundle, data):
+    x, y = data
+    result = simulate(
+        bundle.root,
+        [tiny_profile(latency_ms=1.0)] * 3,
+        x,
+        y,
+        config=SimulationConfig(
+            requests=20,
+            concurrency=2,
+            rate=50.0,
+            recovery_s=1.6,
+            deadline_s=0.5,
+            network="none",
+            faults=[FaultSpec(device=1, at_s=0.3, restart_after_s=0.3)],
+            progress=False,
+        ),
+    )
+    report = build_report(result)
+    events = [(e["device"], e["event"]) for e in result.events]
+    assert events[:2] == [(1, "killed"), (1, "restarted")] and (1, "serving") in events
+    assert report["lost"] == 0 and report["answered"] == report["requests"]
+    assert report["degraded"] > 0
+    # Degraded answers are missing exactly device 1; full answers are all right.
+    degraded = ~result.contributed.all(axis=1)
+    assert not result.contributed[degraded, 1].any() and result.contributed[degraded][:, [0, 2]].all()
+    assert report["accuracy_all_devices"] == 1.0
+    assert report["accuracy_during_outage"] is not None
+    # Device 1 came back: requests sent after it reported serving use all three devices again.
+    serving_at = next(e["t"] for e in result.events if e["event"] == "serving")
+    # The stream ran until the fault had played out, and beyond; the aggregator reconnects
+    # within its 1 s maximum reconnect backoff.
+    assert result.wall_s >= serving_at + 1.6
+    after = result.request_start_s > serving_at + 1.2
+    assert after.sum() >= 5 and result.contributed[after].all()
+    outage = report["timeline"]["outages"][0]
+    assert outage["start_s"] <= outage["end_s"] <= outage["answering_again_s"] <= serving_at + 1.2
+    dev1 = report["devices"][1]
+    assert dev1["starts"] == 2 and dev1["contributed"] < 1.0
+    assert any(b["degraded"] for b in report["timeline"]["bins"])
+    assert report["timeline"]["outages"][0]["device"] == 1
+    _assert_no_children()
+
+
+def test_every_process_is_stopped_when_the_run_fails(bundle, data):
+    x, y = data
+    seen: list[int] = []
+
+    def explode(done: int) -> None:
+        if done == 5:
+            seen.extend(p for f in live_fleets() for p in f.pids())
+            raise RuntimeError("stream interrupted")
+
+    with pytest.raises(RuntimeError, match="stream interrupted"):
+        simulate(
+            bundle.root,
+            [tiny_profile()] * 3,
+            x,
+            y,
+            config=SimulationConfig(requests=50, concurrency=1, network="delay", progress=False),
+            on_progress=explode,
+        )
+    assert len(seen) == 3
+    _assert_no_children()
+
+
+def test_a_device_that_cannot_start_is_reported_and_the_others_are_stopped(bundle, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle.root, broken)
+    (broken / "student_2.onnx").write_bytes(b"tampered")  # the server refuses a sha256 mismatch
+    profiles = [tiny_profile()] * 3
+    with pytest.raises(FleetError, match=r"device 2 \(student_2\) exited"):
+        with LocalFleet(broken, profiles, NetworkEmulation([LinkModel()] * 3), startup_timeout_s=30):
+            pass
+    _assert_no_children()
+
+
+def test_simulate_checks_its_inputs(bundle, data):
+    x, y = data
+    with pytest.raises(ValueError, match="2 device profiles for a bundle with 3 students"):
+        simulate(bundle.root, [tiny_profile()] * 2, x, y)
+    with pytest.raises(ValueError, match="40 images but 39 labels"):
+        simulate(bundle.root, [tiny_profile()] * 3, x, y[:-1])
+    with pytest.raises(ValueError, match="device 5 does not exist"):
+        simulate(bundle.root, [tiny_profile()] * 3, x, y, config=SimulationConfig(faults=[FaultSpec(5, 1.0)]))
+    with pytest.raises(ValueError, match="images have shape"):
+        simulate(bundle.root, [tiny_profile()] * 3, np.zeros((4, 3, 4, 4), np.float32), y[:4])
+    _assert_no_children()
