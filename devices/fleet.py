@@ -29,7 +29,7 @@ import psutil
 
 from nonn.devices.netem import LinkModel, NetworkEmulation
 
-__all__ = ["FleetError", "Device", "LocalFleet", "health_status", "live_fleets"]
+__all__ = ["FleetError", "Device", "LocalFleet", "health_status", "live_fleets", "memory_limit_mb"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,14 @@ def health_status(endpoint: str, timeout_s: float = 1.0, service: str = "") -> s
 def _profile_field(profile: Any, name: str, default: Any = None) -> Any:
     value = profile.get(name, default) if isinstance(profile, dict) else getattr(profile, name, default)
     return default if value is None else value
+
+
+def memory_limit_mb(profile: Any) -> float | None:
+    """Memory a device leaves to the model server: its memory less what the OS reserves."""
+    memory = _profile_field(profile, "memory_mb", None)
+    if memory is None:
+        return None
+    return float(memory) - float(_profile_field(profile, "reserved_mb", 0.0))
 
 
 @dataclass
@@ -189,7 +197,7 @@ class LocalFleet:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i, (profile, student) in enumerate(zip(self.profiles, self.students)):
             threads = int(_profile_field(profile, "threads", 1))
-            memory = _profile_field(profile, "memory_mb", None)
+            memory = memory_limit_mb(profile)
             host = self.network.server_host(i)
             self.devices.append(
                 Device(
@@ -197,7 +205,7 @@ class LocalFleet:
                     student=student,
                     profile=str(_profile_field(profile, "name", f"device{i}")),
                     threads=max(1, threads),
-                    memory_limit_mb=float(memory) if memory is not None else None,
+                    memory_limit_mb=memory,
                     host=host,
                     port=self.network.server_port(i),
                     log_path=self.log_dir / f"device_{i}.log",

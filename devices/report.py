@@ -306,8 +306,11 @@ def format_table(report: dict[str, Any]) -> str:
     parts.append(_rows_table(["device", "profile", "peak RSS MB", "limit MB", "memory", "bytes/inf", "contributed", "starts"], dev_rows))
     est = report.get("estimates")
     if est and est.get("comparison"):
-        comp_rows = [(r["metric"], r["nonn"], r["teacher"], r["ratio"]) for r in _comparison_rows(est)]
-        parts.append("estimated on the real devices (planner model):\n" + _rows_table(["", "NoNN fleet", "teacher, one device", "teacher / NoNN"], comp_rows))
+        comp_rows = [(r["metric"], r["nonn"], r["teacher"], r["ratio"], r["model_parallel"]) for r in _comparison_rows(est)]
+        parts.append(
+            "estimated on the real devices (planner model):\n"
+            + _rows_table(["", "NoNN fleet", "teacher, one device", "teacher / NoNN", "layer-wise split"], comp_rows)
+        )
     for w in report.get("warnings", []):
         parts.append(f"warning: {w}")
     return "\n\n".join(parts)
@@ -324,6 +327,7 @@ def _comparison_rows(est: dict[str, Any]) -> list[dict[str, str]]:
                 "metric": f"{item['metric']} ({unit})" if unit else item["metric"],
                 "nonn": _fmt(nonn, ".3g"),
                 "teacher": _fmt(teacher, ".3g"),
+                "model_parallel": _fmt(item.get("model_parallel"), ".3g"),
                 "ratio": "-" if ratio is None else f"{ratio:.1f}x",
             }
         )
@@ -375,14 +379,14 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
             ax.hlines(d["memory_limit_mb"], x - 0.4, x + 0.4, colors="black", linestyles="--")
     limits = [d["memory_limit_mb"] for d in devs if d["memory_limit_mb"] is not None]
     if limits:
-        ax.plot([], [], "k--", label="device memory")
+        ax.plot([], [], "k--", label="device memory left by the OS")
         # Keep small RSS bars readable under a large device limit.
         if max(limits) > 20 * max(peaks + [1]):
             ax.set_yscale("log")
     ax.set_xticks(xs, [f"{d['index']}: {d['profile']}" for d in devs], rotation=20)
     ax.set_ylabel("MB")
     ax.set_title("Memory per device against its limit")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False)
     plots["memory"] = _png(fig)
 
     tl = report["timeline"]
@@ -396,11 +400,13 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
         ax.axvspan(w["start_s"], w["end_s"], color="#cc3311", alpha=0.15, label="device down" if i == 0 else None)
     for e in tl["events"]:
         ax.axvline(e["t"], color="#999999", linewidth=0.8)
-    ax.set_ylim(-2, 102)
+        ax.annotate(f"{e['event']} d{e['device']}", (e["t"], 103), rotation=90, fontsize=7, color="#555555",
+                    ha="right", va="top", annotation_clip=False)
+    ax.set_ylim(-2, 104)
     ax.set_xlabel("time since stream start (s)")
     ax.set_ylabel("%")
     ax.set_title("Accuracy over time" + (" during a fault" if tl["outages"] else ""))
-    ax.legend(loc="lower left")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     plots["timeline"] = _png(fig)
     return plots
 
@@ -414,7 +420,7 @@ def _table_html(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1000px;color:#222;padding:0 1em}
 h1{font-size:1.6em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;margin:.6em 0} th,td{border:1px solid #ccc;padding:.3em .7em;text-align:right}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em} .scroll{overflow-x:auto} th,td{border:1px solid #ccc;padding:.3em .7em;text-align:right}
 th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
 .over{color:#b00;font-weight:bold} .warn{background:#fff3cd;border:1px solid #e0c97f;padding:.5em;margin:.4em 0}
 .plots{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0} img{max-width:100%;border:1px solid #eee}
@@ -452,8 +458,11 @@ def render_html(report: dict[str, Any]) -> str:
     )
     est = report.get("estimates")
     comparison = (
-        _table_html(["", "NoNN fleet", "teacher, one device", "teacher / NoNN"],
-                    [(r["metric"], r["nonn"], r["teacher"], r["ratio"]) for r in _comparison_rows(est)], "comparison")
+        _table_html(["", "NoNN fleet", "teacher, one device", "teacher / NoNN", "layer-wise split over the same devices"],
+                    [(r["metric"], r["nonn"], r["teacher"], r["ratio"], r["model_parallel"]) for r in _comparison_rows(est)],
+                    "comparison")
+        + "<p>Estimated by the device planner from the bundle's FLOPs and parameters and the device profiles "
+        "(not measured on this machine).</p>"
         if est and est.get("comparison")
         else "<p>No cost estimate (the device planner gave none for this bundle).</p>"
     )
@@ -486,7 +495,7 @@ def render_html(report: dict[str, Any]) -> str:
 <h2>Summary</h2>
 {summary}
 <h2>Devices</h2>
-{devices}
+<div class="scroll">{devices}</div>
 <h2>NoNN fleet against the teacher on one device</h2>
 {comparison}
 <h2>Network emulation: {esc(net['mode'])}</h2>
