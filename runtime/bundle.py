@@ -287,13 +287,15 @@ class LayerSummary:
     output_shape: list[int]  # per image, without the batch dimension
     flops: int
     params: int
+    input_shape: list[int] | None = None  # per image; None when not recorded
 
     @property
     def output_elements(self) -> int:
-        n = 1
-        for d in self.output_shape:
-            n *= d
-        return n
+        return _elements(self.output_shape)
+
+    @property
+    def input_elements(self) -> int | None:
+        return None if self.input_shape is None else _elements(self.input_shape)
 
     @classmethod
     def _read(cls, r: _Reader) -> "LayerSummary":
@@ -302,7 +304,15 @@ class LayerSummary:
             output_shape=r.int_list("output_shape", minimum=1),
             flops=r.int("flops"),
             params=r.int("params"),
+            input_shape=r.int_list("input_shape", optional=True, minimum=1),
         )
+
+
+def _elements(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 @dataclass

@@ -125,6 +125,7 @@ def profile_model(model: nn.Module, input_shape: Sequence[int]) -> ModelProfile:
                         output_shape=[int(d) for d in out.shape[1:]],
                         flops=int(_layer_flops(module, inp, out)),
                         params=int(sum(p.numel() for p in module.parameters(recurse=False))),
+                        input_shape=[int(d) for d in inp.shape[1:]] if inp is not None else None,
                     )
                 )
 

@@ -1,0 +1,596 @@
+"""Placement planner: which device runs which student, and what the fleet costs.
+
+`plan(bundle, devices)` assigns the bundle's K students to K of the given devices so that each
+fits the device's memory and the slowest device is as fast as possible (exact min-max
+assignment), then estimates per device the memory, compute time, bytes on the wire and
+energy of one inference, and compares the fleet with
+
+(a) the teacher on one device (the fleet's largest-memory kind), and
+(b) a layer-wise model-parallel split of the teacher over the same devices, MoDNN-style.
+
+The cost model, all per single image (batch 1):
+
+- Memory of a served model = RUNTIME_FOOTPRINT_MB (measured: resident set of `nonn serve`
+  hosting a small student; Python, numpy, ONNX Runtime, grpcio) + 2 x the model's weights (the
+  file bytes read for hashing plus the session's initialisers) + its activation working memory
+  (largest layer input + output, from the manifest). It must fit `memory_mb - reserved_mb`.
+- Compute time = FLOPs / sustained GFLOP/s of the profile (FLOPs as in the manifest: 2 per
+  multiply-accumulate of convolutions and linear layers).
+- Bytes on the wire = the exact protobuf size of the KServe v2 ModelInfer request/response
+  (tritonclient's generated messages, raw tensor contents) + gRPC's 5-byte message prefix +
+  HTTP/2 frame headers (9 bytes per frame; one HEADERS frame per request, HEADERS + trailers
+  per response, HPACK_HEADER_BYTES each for their indexed header blocks) + TCP/IPv4 headers
+  (52 bytes per MSS-sized segment). Acknowledgements and Ethernet framing are not counted.
+- Transfer time = bytes x 8 / link bandwidth; each request/response exchange adds one
+  round-trip latency of the link.
+- NoNN latency = round trip + all K requests (the image) through the aggregator's link +
+  the slowest device's (compute + response transfer) + the head on the aggregator.
+- Energy of a node = active power x its busy time (compute + its own transfers) + idle power
+  x the rest of the inference.
+- Model-parallel (MoDNN, Mao et al. DATE 2017): every convolution is split spatially across
+  the devices in proportion to their GFLOP/s (so each device holds every convolution's
+  weights); linear layers run on the owner (the device with the fastest link). Around each
+  convolution the owner scatters the input bands and gathers the output bands: the bytes
+  follow from the teacher's per-layer activation shapes in the manifest; halo rows are not
+  counted, which favours model parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from nonn.devices.profiles import DeviceProfile, load_profiles
+from nonn.runtime.bundle import Bundle, ModelEntry, TeacherSummary
+
+__all__ = [
+    "RUNTIME_FOOTPRINT_MB",
+    "PlanError",
+    "DevicePlan",
+    "Estimate",
+    "Plan",
+    "plan",
+    "model_memory_mb",
+    "infer_wire_bytes",
+    "format_plan",
+    "simulation_estimates",
+]
+
+# Resident set size of a `nonn serve` process hosting one small student, measured with psutil
+# on x86-64 Linux (Python 3.11, onnxruntime 1.32, grpcio): 81.6 MB. ARM builds are similar.
+RUNTIME_FOOTPRINT_MB = 82.0
+FLOAT_BYTES = 4
+GRPC_PREFIX_BYTES = 5
+HTTP2_FRAME_HEADER_BYTES = 9
+HTTP2_MAX_FRAME = 16384
+HPACK_HEADER_BYTES = 20  # an indexed header block on a warm connection (assumption)
+TCP_IP_HEADER_BYTES = 52  # IPv4 20 + TCP 20 + timestamp option 12
+TCP_MSS = 1448
+MB = 1024 * 1024
+
+
+class PlanError(ValueError):
+    """The students cannot be placed on the given devices."""
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+def _wire(message_bytes: int, response: bool) -> int:
+    """Bytes on the wire for one gRPC message of `message_bytes` serialised protobuf."""
+    body = message_bytes + GRPC_PREFIX_BYTES
+    header_frames = 2 if response else 1
+    data_frames = max(1, math.ceil(body / HTTP2_MAX_FRAME))
+    http2 = body + HTTP2_FRAME_HEADER_BYTES * (data_frames + header_frames) + HPACK_HEADER_BYTES * header_frames
+    return http2 + TCP_IP_HEADER_BYTES * math.ceil(http2 / TCP_MSS)
+
+
+def infer_wire_bytes(model: str, tensor: str, shape: Sequence[int], datatype: str = "FP32", response: bool = False) -> int:
+    """Wire bytes of one KServe v2 ModelInfer request (or response) carrying one raw tensor."""
+    from tritonclient.grpc import service_pb2
+
+    elements = 1
+    for d in shape:
+        elements *= int(d)
+    raw = bytes(elements * (FLOAT_BYTES if datatype == "FP32" else 8 if datatype in ("INT64", "FP64") else 1))
+    if response:
+        msg = service_pb2.ModelInferResponse(model_name=model, model_version="1", id="0" * 16)
+        out = msg.outputs.add()
+        out.name, out.datatype = tensor, datatype
+        out.shape.extend(int(d) for d in shape)
+        msg.raw_output_contents.append(raw)
+    else:
+        msg = service_pb2.ModelInferRequest(model_name=model, id="0" * 16)
+        inp = msg.inputs.add()
+        inp.name, inp.datatype = tensor, datatype
+        inp.shape.extend(int(d) for d in shape)
+        msg.outputs.add().name = "output"
+        msg.raw_input_contents.append(raw)
+    return _wire(msg.ByteSize(), response)
+
+
+def _batch1(shape: Sequence[int]) -> list[int]:
+    return [1 if d == -1 else int(d) for d in shape]
+
+
+def model_memory_mb(weight_bytes: float, activation_bytes: float, runtime_mb: float = RUNTIME_FOOTPRINT_MB) -> float:
+    """Memory of a served model: runtime + 2 x weights + activation working memory (see module doc)."""
+    return runtime_mb + (2 * weight_bytes + activation_bytes) / MB
+
+
+def _transfer_s(nbytes: float, profile: DeviceProfile) -> float:
+    return nbytes * 8 / (profile.link.bandwidth_mbps * 1e6)
+
+
+def _compute_s(flops: float, profile: DeviceProfile) -> float:
+    return flops / (profile.gflops * 1e9)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class DevicePlan:
+    """One device of the fleet and the student placed on it (None: unused)."""
+
+    device: str
+    profile: str
+    student: str | None
+    memory_mb: float
+    available_mb: float
+    compute_ms: float
+    request_bytes: int  # image in
+    sent_bytes: int  # feature vector out: what the device sends per inference
+    transfer_ms: float
+    busy_ms: float
+    energy_mj: float
+
+
+@dataclass
+class Estimate:
+    """Whole-system figures of one way to run the model, per inference of one image."""
+
+    name: str
+    devices: int
+    memory_per_device_mb: float  # the largest over devices, runtime included
+    model_memory_per_device_mb: float  # the same without the runtime's own footprint
+    bytes_per_inference: int  # between devices / to the aggregator (not counting the input image)
+    wire_bytes_per_inference: int  # everything, input distribution included
+    latency_ms: float
+    compute_ms: float
+    energy_per_node_mj: float  # the largest over devices
+    fits: bool
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """A placement and its estimated cost, with the teacher and model-parallel baselines."""
+
+    devices: list[DevicePlan]
+    nonn: Estimate
+    teacher: Estimate | None
+    model_parallel: Estimate | None
+    aggregator: str
+    head_ms: float
+    assumptions: dict[str, Any] = field(default_factory=dict)
+
+    def assignment(self) -> dict[str, str]:
+        """student name -> device name."""
+        return {d.student: d.device for d in self.devices if d.student is not None}
+
+    def ratios(self) -> dict[str, dict[str, float | None]]:
+        """baseline / NoNN for memory per device, bytes, latency and energy per node."""
+
+        def ratio(a: float | None, b: float | None) -> float | None:
+            return None if a is None or not b else a / b
+
+        out: dict[str, dict[str, float | None]] = {}
+        for base in (self.teacher, self.model_parallel):
+            if base is None:
+                continue
+            out[base.name] = {
+                "memory_per_device": ratio(base.memory_per_device_mb, self.nonn.memory_per_device_mb),
+                "model_memory_per_device": ratio(base.model_memory_per_device_mb, self.nonn.model_memory_per_device_mb),
+                "bytes_per_inference": ratio(base.bytes_per_inference, self.nonn.bytes_per_inference),
+                "wire_bytes_per_inference": ratio(base.wire_bytes_per_inference, self.nonn.wire_bytes_per_inference),
+                "latency": ratio(base.latency_ms, self.nonn.latency_ms),
+                "energy_per_node": ratio(base.energy_per_node_mj, self.nonn.energy_per_node_mj),
+            }
+        return out
+
+    def comparison(self) -> list[dict[str, Any]]:
+        """Rows of NoNN vs the teacher (and model-parallel), as reports print them."""
+        rows = []
+        for metric, unit, attr in (
+            ("memory per device", "MB", "memory_per_device_mb"),
+            ("model memory per device", "MB", "model_memory_per_device_mb"),
+            ("latency", "ms", "latency_ms"),
+            ("energy per node", "mJ", "energy_per_node_mj"),
+            ("bytes per inference", "B", "bytes_per_inference"),
+            ("bytes on the wire per inference", "B", "wire_bytes_per_inference"),
+        ):
+            rows.append(
+                {
+                    "metric": metric,
+                    "unit": unit,
+                    "nonn": getattr(self.nonn, attr),
+                    "teacher": getattr(self.teacher, attr) if self.teacher else None,
+                    "model_parallel": getattr(self.model_parallel, attr) if self.model_parallel else None,
+                }
+            )
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "nonn.plan/1",
+            "devices": [asdict(d) for d in self.devices],
+            "assignment": self.assignment(),
+            "nonn": asdict(self.nonn),
+            "teacher": asdict(self.teacher) if self.teacher else None,
+            "model_parallel": asdict(self.model_parallel) if self.model_parallel else None,
+            "ratios": self.ratios(),
+            "comparison": self.comparison(),
+            "aggregator": self.aggregator,
+            "head_ms": self.head_ms,
+            "assumptions": self.assumptions,
+        }
+
+
+# --------------------------------------------------------------------------- assignment
+
+
+def _match(candidates: list[list[int]], num_devices: int) -> list[int | None]:
+    """Maximum bipartite matching (Kuhn's augmenting paths): student -> device or None."""
+    owner: list[int | None] = [None] * num_devices
+
+    def augment(s: int, seen: set[int]) -> bool:
+        for d in candidates[s]:
+            if d in seen:
+                continue
+            seen.add(d)
+            if owner[d] is None or augment(owner[d], seen):  # type: ignore[arg-type]
+                owner[d] = s
+                return True
+        return False
+
+    for s in range(len(candidates)):
+        augment(s, set())
+    result: list[int | None] = [None] * len(candidates)
+    for d, s in enumerate(owner):
+        if s is not None:
+            result[s] = d
+    return result
+
+
+def _device_names(devices: Sequence[DeviceProfile]) -> list[str]:
+    counts: dict[str, int] = {}
+    for p in devices:
+        counts[p.name] = counts.get(p.name, 0) + 1
+    seen: dict[str, int] = {}
+    names = []
+    for p in devices:
+        i = seen.get(p.name, 0)
+        seen[p.name] = i + 1
+        names.append(f"{p.name}#{i}" if counts[p.name] > 1 else p.name)
+    return names
+
+
+def _assign(bundle: Bundle, devices: Sequence[DeviceProfile], names: list[str], memory: list[float], times: list[list[float]]) -> list[int]:
+    K, D = bundle.num_students, len(devices)
+    students = [s.name for s in bundle.students]
+    if D < K:
+        raise PlanError(
+            f"fewer devices than students: the bundle has {K} students ({', '.join(students)}) but the device list "
+            f"gives {D}; add {K - D} more device(s)"
+        )
+    fits = [[d for d in range(D) if memory[s] <= devices[d].available_mb] for s in range(K)]
+    for s in range(K):
+        if not fits[s]:
+            best = max(range(D), key=lambda d: devices[d].available_mb)
+            raise PlanError(
+                f"{students[s]} needs {memory[s]:.1f} MB (runtime {RUNTIME_FOOTPRINT_MB:.0f} MB + model and activations) but the "
+                f"largest device, {names[best]}, has {devices[best].available_mb:.0f} MB available "
+                f"({devices[best].memory_mb:.0f} MB - {devices[best].reserved_mb:.0f} MB reserved): short by "
+                f"{memory[s] - devices[best].available_mb:.1f} MB"
+            )
+    # Exact min-max (bottleneck) assignment: the smallest time limit under which every
+    # student still gets its own device that fits it.
+    for limit in sorted({times[s][d] for s in range(K) for d in fits[s]}):
+        allowed = [[d for d in sorted(fits[s], key=lambda d: times[s][d]) if times[s][d] <= limit] for s in range(K)]
+        matched = _match(allowed, D)
+        if all(m is not None for m in matched):
+            return [int(m) for m in matched]  # type: ignore[arg-type]
+    matched = _match(fits, D)
+    stuck = [students[s] for s, m in enumerate(matched) if m is None]
+    raise PlanError(
+        f"no placement fits every student: {', '.join(stuck)} cannot get a device of its own with enough memory "
+        f"(the devices large enough are all needed by other students); add larger devices"
+    )
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+def _teacher_estimate(teacher: TeacherSummary, profile: DeviceProfile, name: str, runtime_mb: float, num_classes: int, input_shape: list[int]) -> Estimate:
+    memory = model_memory_mb(teacher.params * FLOAT_BYTES, teacher.activation_bytes, runtime_mb)
+    request = infer_wire_bytes("teacher", "image", [1, *input_shape])
+    response = infer_wire_bytes("teacher", "logits", [1, num_classes], response=True)
+    compute = _compute_s(teacher.flops, profile)
+    transfer = _transfer_s(request + response, profile)
+    latency = profile.link.latency_ms / 1000 + transfer + compute
+    energy = profile.power_w.active * (compute + transfer) + profile.power_w.idle * (latency - compute - transfer)
+    fits = memory <= profile.available_mb
+    return Estimate(
+        name="teacher",
+        devices=1,
+        memory_per_device_mb=memory,
+        model_memory_per_device_mb=memory - runtime_mb,
+        bytes_per_inference=response,
+        wire_bytes_per_inference=request + response,
+        latency_ms=latency * 1000,
+        compute_ms=compute * 1000,
+        energy_per_node_mj=energy * 1000,
+        fits=fits,
+        note=f"on one {name}" + ("" if fits else f" (does not fit: needs {memory:.0f} MB of {profile.available_mb:.0f} MB)"),
+    )
+
+
+def _model_parallel_estimate(
+    teacher: TeacherSummary, devices: Sequence[DeviceProfile], runtime_mb: float, num_classes: int, input_shape: list[int]
+) -> Estimate:
+    D = len(devices)
+    owner = max(range(D), key=lambda d: (devices[d].link.bandwidth_mbps, devices[d].gflops))
+    total_gflops = sum(p.gflops for p in devices)
+    share = [p.gflops / total_gflops for p in devices]
+    others = [d for d in range(D) if d != owner]
+    layers = teacher.layers
+    if not layers:
+        raise PlanError("the bundle's teacher summary lists no layers; re-export the bundle with its teacher")
+    is_conv = [len(layer.output_shape) == 3 for layer in layers]
+    input_elements = 1
+    for dim in input_shape:
+        input_elements *= dim
+
+    sent = [0] * D  # bytes each device puts on the wire
+    phases = 0  # scatter/gather phases, each costing half a round trip
+    owner_bytes = 0  # all traffic passes the owner's link
+
+    def exchange(elements: int, scatter: bool) -> None:
+        nonlocal phases, owner_bytes
+        phases += 1
+        for d in others:
+            band = max(1, round(elements * share[d]))
+            nbytes = infer_wire_bytes("layer", "band", [1, band], response=not scatter)
+            sent[owner if scatter else d] += nbytes
+            owner_bytes += nbytes
+
+    compute_s = 0.0
+    busy_compute = [0.0] * D
+    previous_elements = input_elements
+    for i, layer in enumerate(layers):
+        if is_conv[i]:
+            # The owner scatters the layer's input bands and gathers its output bands.
+            if others:
+                exchange(layer.input_elements or previous_elements, scatter=True)
+                exchange(layer.output_elements, scatter=False)
+            layer_s = layer.flops / (total_gflops * 1e9)
+            compute_s += layer_s
+            for d in range(D):
+                busy_compute[d] += layer_s
+        else:
+            layer_s = _compute_s(layer.flops, devices[owner])
+            compute_s += layer_s
+            busy_compute[owner] += layer_s
+        previous_elements = layer.output_elements
+
+    request = infer_wire_bytes("teacher", "image", [1, *input_shape])
+    response = infer_wire_bytes("teacher", "logits", [1, num_classes], response=True)
+    inter_device = sum(sent)
+    owner_link = devices[owner]
+    comm_s = _transfer_s(owner_bytes + request + response, owner_link) + phases * owner_link.link.latency_ms / 2000
+    latency_s = owner_link.link.latency_ms / 1000 + comm_s + compute_s
+    conv_params = sum(l.params for l, c in zip(layers, is_conv) if c)
+    fc_params = sum(l.params for l, c in zip(layers, is_conv) if not c)
+    memory = [
+        model_memory_mb((conv_params + (fc_params if d == owner else 0)) * FLOAT_BYTES, teacher.activation_bytes * share[d], runtime_mb)
+        for d in range(D)
+    ]
+    energy = []
+    for d in range(D):
+        busy = busy_compute[d] + _transfer_s(sent[d] + (request + response if d == owner else 0), devices[d])
+        busy = min(busy, latency_s)
+        energy.append(devices[d].power_w.active * busy + devices[d].power_w.idle * (latency_s - busy))
+    fits = all(m <= p.available_mb for m, p in zip(memory, devices))
+    return Estimate(
+        name="model_parallel",
+        devices=D,
+        memory_per_device_mb=max(memory),
+        model_memory_per_device_mb=max(memory) - runtime_mb,
+        bytes_per_inference=inter_device,
+        wire_bytes_per_inference=inter_device + request + response,
+        latency_ms=latency_s * 1000,
+        compute_ms=compute_s * 1000,
+        energy_per_node_mj=max(energy) * 1000,
+        fits=fits,
+        note=f"MoDNN-style spatial split of {sum(is_conv)} conv layers over {D} devices, {phases} scatter/gather phases",
+    )
+
+
+def _as_profile(p: Any) -> DeviceProfile:
+    if isinstance(p, DeviceProfile):
+        return p
+    if isinstance(p, Mapping):
+        name = str(p.get("name", ""))
+        known = load_profiles()
+        base = known[name.lower()].to_dict() if name.lower() in known else {}
+        return DeviceProfile.from_dict(name, {**base, **{k: v for k, v in p.items() if k != "name"}})
+    if isinstance(p, str):
+        return load_profiles()[p.lower()]
+    raise TypeError(f"expected a DeviceProfile, a profile dict or a profile name, got {type(p).__name__}")
+
+
+def plan(
+    bundle: Bundle | str | Path,
+    devices: Sequence[DeviceProfile],
+    *,
+    aggregator: DeviceProfile | None = None,
+    runtime_mb: float = RUNTIME_FOOTPRINT_MB,
+) -> Plan:
+    """Place the bundle's students on `devices` (one each) and estimate the fleet's cost."""
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.load(bundle)
+    devices = [_as_profile(p) for p in devices]
+    if not devices:
+        raise PlanError("no devices given")
+    names = _device_names(devices)
+    input_shape = list(bundle.preprocessing.input_shape)
+    students = bundle.students
+    memory = [model_memory_mb(s.size_bytes, s.activation_bytes, runtime_mb) for s in students]
+    request = [infer_wire_bytes(s.name, s.input.name, _batch1(s.input.shape), s.input.datatype) for s in students]
+    response = [infer_wire_bytes(s.name, s.output.name, _batch1(s.output.shape), s.output.datatype, response=True) for s in students]
+    compute = [[_compute_s(s.flops, p) for p in devices] for s in students]
+    transfer = [[_transfer_s(request[k] + response[k], p) for p in devices] for k in range(len(students))]
+    times = [[compute[k][d] + transfer[k][d] for d in range(len(devices))] for k in range(len(students))]
+    placed = _assign(bundle, devices, names, memory, times)
+
+    agg = aggregator or devices[0]
+    head_s = _compute_s(bundle.head.flops, agg)
+    rtt = max(devices[d].link.latency_ms for d in placed) / 1000
+    fan_out_s = _transfer_s(sum(request), agg) + _transfer_s(sum(response), agg)
+    slowest = max(compute[k][placed[k]] + _transfer_s(response[k], devices[placed[k]]) for k in range(len(students)))
+    latency = rtt + fan_out_s + slowest + head_s
+
+    rows: list[DevicePlan] = []
+    by_device = {d: k for k, d in enumerate(placed)}
+    for d, profile in enumerate(devices):
+        k = by_device.get(d)
+        if k is None:
+            rows.append(DevicePlan(names[d], profile.name, None, 0.0, profile.available_mb, 0.0, 0, 0, 0.0, 0.0, profile.power_w.idle * latency * 1000))
+            continue
+        busy = min(times[k][d], latency)
+        energy = profile.power_w.active * busy + profile.power_w.idle * (latency - busy)
+        rows.append(
+            DevicePlan(
+                device=names[d],
+                profile=profile.name,
+                student=students[k].name,
+                memory_mb=memory[k],
+                available_mb=profile.available_mb,
+                compute_ms=compute[k][d] * 1000,
+                request_bytes=request[k],
+                sent_bytes=response[k],
+                transfer_ms=transfer[k][d] * 1000,
+                busy_ms=times[k][d] * 1000,
+                energy_mj=energy * 1000,
+            )
+        )
+    used = [r for r in rows if r.student is not None]
+    nonn = Estimate(
+        name="nonn",
+        devices=len(students),
+        memory_per_device_mb=max(r.memory_mb for r in used),
+        model_memory_per_device_mb=max(r.memory_mb for r in used) - runtime_mb,
+        bytes_per_inference=sum(response),
+        wire_bytes_per_inference=sum(request) + sum(response),
+        latency_ms=latency * 1000,
+        compute_ms=max(r.compute_ms for r in used),
+        energy_per_node_mj=max(r.energy_mj for r in used),
+        fits=True,
+        note=f"{len(students)} students, head on {agg.name}",
+    )
+
+    teacher_est = mp_est = None
+    if bundle.teacher is not None:
+        # The teacher's device: the fleet's kind with the most memory (fastest on ties).
+        t_profile = max(devices, key=lambda p: (p.available_mb, p.gflops))
+        teacher_est = _teacher_estimate(bundle.teacher, t_profile, t_profile.name, runtime_mb, bundle.num_classes, input_shape)
+        mp_devices = [devices[d] for d in sorted(placed)]  # the same devices the students use
+        mp_est = _model_parallel_estimate(bundle.teacher, mp_devices, runtime_mb, bundle.num_classes, input_shape)
+
+    return Plan(
+        devices=rows,
+        nonn=nonn,
+        teacher=teacher_est,
+        model_parallel=mp_est,
+        aggregator=agg.name,
+        head_ms=head_s * 1000,
+        assumptions={
+            "runtime_footprint_mb": runtime_mb,
+            "memory_model": "runtime + 2 x model bytes + largest layer input+output (batch 1)",
+            "compute_model": "FLOPs / sustained GFLOP/s of the profile",
+            "wire_model": (
+                "KServe v2 ModelInfer protobuf (exact) + 5 B gRPC prefix + 9 B per HTTP/2 frame + "
+                f"{HPACK_HEADER_BYTES} B per header block + {TCP_IP_HEADER_BYTES} B TCP/IPv4 per {TCP_MSS} B segment"
+            ),
+            "energy_model": "active W x busy time + idle W x rest of the inference",
+            "model_parallel": "MoDNN-style spatial split of every conv layer, linear layers on the owner, halos ignored",
+        },
+    )
+
+
+# --------------------------------------------------------------------------- presentation
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _num(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as terminal tables: per device, then NoNN vs teacher vs model-parallel."""
+    device_rows = [
+        [
+            r.device,
+            r.student or "(unused)",
+            _num(r.memory_mb),
+            _num(r.available_mb, ".0f"),
+            _num(r.compute_ms, ".2f"),
+            str(r.sent_bytes),
+            _num(r.energy_mj, ".2f"),
+        ]
+        for r in p.devices
+    ]
+    parts = [
+        _table(["device", "student", "memory MB", "avail MB", "compute ms", "sent B/inf", "energy mJ"], device_rows),
+        f"fleet latency {p.nonn.latency_ms:.2f} ms per image (head {p.head_ms:.2g} ms on {p.aggregator}); "
+        f"devices send {p.nonn.bytes_per_inference} B per inference, {p.nonn.wire_bytes_per_inference} B on the wire with the input images",
+    ]
+    baselines = [b for b in (p.teacher, p.model_parallel) if b is not None]
+    if not baselines:
+        parts.append("no teacher summary in the bundle: no comparison with the teacher or a model-parallel split")
+        return "\n\n".join(parts)
+    ratios = p.ratios()
+    headers = ["", "NoNN"] + [f"{b.name.replace('_', '-')} ({b.devices} dev)" for b in baselines] + [f"{b.name.replace('_', '-')}/NoNN" for b in baselines]
+    rows = []
+    for label, attr, key, spec in (
+        ("memory per device (MB)", "memory_per_device_mb", "memory_per_device", ".1f"),
+        ("  without runtime (MB)", "model_memory_per_device_mb", "model_memory_per_device", ".2f"),
+        ("bytes per inference (B)", "bytes_per_inference", "bytes_per_inference", "d"),
+        ("  incl. input images (B)", "wire_bytes_per_inference", "wire_bytes_per_inference", "d"),
+        ("latency (ms)", "latency_ms", "latency", ".2f"),
+        ("energy per node (mJ)", "energy_per_node_mj", "energy_per_node", ".2f"),
+    ):
+        row = [label, _num(getattr(p.nonn, attr), spec)]
+        row += [_num(getattr(b, attr), spec) for b in baselines]
+        row += [_num(ratios[b.name][key], ".2f") + "x" if ratios[b.name][key] is not None else "-" for b in baselines]
+        rows.append(row)
+    parts.append(_table(headers, rows))
+    for b in baselines:
+        parts.append(f"{b.name.replace('_', '-')}: {b.note}" + ("" if b.fits else "  [does not fit]"))
+    return "\n\n".join(parts)
+
+
+def simulation_estimates(bundle_dir: str | Path, profiles: Sequence[Any]) -> dict[str, Any] | None:
+    """The plan for the devices a simulation ran on (for reports); None if it cannot be placed."""
+    try:
+        return plan(Bundle.load(bundle_dir), [_as_profile(p) for p in profiles]).to_dict()
+    except (PlanError, KeyError, TypeError, ValueError):
+        return None

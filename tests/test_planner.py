@@ -1,0 +1,194 @@
+"""Device profiles, the device-list syntax, and the placement planner (feasible and not)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from nonn.artifacts import ArtifactError
+from nonn.cli import main
+from nonn.devices.planner import (
+    RUNTIME_FOOTPRINT_MB,
+    PlanError,
+    format_plan,
+    infer_wire_bytes,
+    model_memory_mb,
+    plan,
+    simulation_estimates,
+)
+from nonn.devices.profiles import load_profiles, parse_device_list
+from nonn.runtime.bundle import Bundle, LayerSummary, ModelEntry, Preprocessing, StudentEntry, TeacherSummary, TensorSpec
+
+SHAPE = [1, 28, 28]
+
+
+def make_bundle(student_flops=(1e7, 1e7, 1e7, 1e7), student_bytes=(200_000,) * 4, feature_sizes=(16, 16, 16, 16)) -> Bundle:
+    """An in-memory bundle (the planner reads only the manifest) with a two-conv teacher."""
+    students, start = [], 0
+    for k, (flops, size, f) in enumerate(zip(student_flops, student_bytes, feature_sizes)):
+        students.append(
+            StudentEntry(
+                name=f"student_{k}",
+                file=f"student_{k}.onnx",
+                sha256="0" * 64,
+                input=TensorSpec("image", [-1, *SHAPE]),
+                output=TensorSpec("features", [-1, f]),
+                params=size // 4,
+                flops=int(flops),
+                size_bytes=size,
+                activation_bytes=100_000,
+                feature_size=f,
+                group=list(range(start, start + f)),
+                index=k,
+            )
+        )
+        start += f
+    head = ModelEntry("head", "head.onnx", "0" * 64, TensorSpec("features", [-1, start]), TensorSpec("logits", [-1, 10]), start * 10 + 10, 2 * start * 10 + 10)
+    teacher = TeacherSummary(
+        arch={"name": "toy"},
+        params=4_000_000,
+        flops=2_000_000_000,
+        input_shape=SHAPE,
+        layers=[
+            LayerSummary("conv1", [64, 28, 28], 1_000_000_000, 2_000_000, input_shape=[1, 28, 28]),
+            LayerSummary("conv2", [64, 14, 14], 999_000_000, 1_990_000, input_shape=[64, 28, 28]),
+            LayerSummary("fc", [10], 1_000_000, 10_000, input_shape=[64]),
+        ],
+        activation_bytes=2 * 64 * 28 * 28 * 4,
+    )
+    return Bundle(students, head, Preprocessing([0.5], [0.25], SHAPE), [str(i) for i in range(10)], teacher=teacher)
+
+
+def test_builtin_profiles_have_sources_for_every_figure() -> None:
+    profiles = load_profiles()
+    assert {"rpi3b+", "rpi4b", "jetson-nano", "x86"} <= set(profiles)
+    for p in profiles.values():
+        assert p.memory_mb > p.reserved_mb >= 0 and p.gflops > 0 and p.link.bandwidth_mbps > 0
+        for figure in ("memory_mb", "gflops", "power_w", "link", "threads"):
+            assert p.sources.get(figure), f"{p.name}: no source for {figure}"
+    assert profiles["rpi4b"].memory_mb == 2048
+
+
+def test_parse_device_list() -> None:
+    devices = parse_device_list("rpi3b+:4, X86")
+    assert [d.name for d in devices] == ["rpi3b+"] * 4 + ["x86"]
+    for bad, message in [
+        ("", "empty"),
+        ("rpi5", "unknown device profile 'rpi5'; known: jetson-nano, rpi3b\\+, rpi4b, x86"),
+        ("rpi3b+:0", "count '0' for rpi3b\\+ must be a positive integer"),
+        ("rpi3b+:two", "count 'two'"),
+        ("rpi3b+,,x86", "item '' is not NAME"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_device_list(bad)
+
+
+def test_user_profiles_add_and_override(tmp_path: Path) -> None:
+    user = tmp_path / "my.json"
+    user.write_text(
+        json.dumps(
+            {
+                "format": "nonn.devices/1",
+                "profiles": {
+                    "rpi3b+": {"gflops": 5.0, "sources": {"gflops": "my own HPL run"}},
+                    "tiny": {"memory_mb": 256, "gflops": 1, "power_w": {"idle": 0.5, "active": 1}, "link": {"bandwidth_mbps": 10, "latency_ms": 2}, "threads": 1},
+                },
+            }
+        )
+    )
+    profiles = load_profiles(user)
+    assert profiles["rpi3b+"].gflops == 5.0 and profiles["rpi3b+"].memory_mb == 1024
+    assert profiles["rpi3b+"].sources["gflops"] == "my own HPL run" and profiles["rpi3b+"].sources["power_w"]
+    assert [d.name for d in parse_device_list("tiny:2", profiles)] == ["tiny", "tiny"]
+    user.write_text(json.dumps({"format": "nonn.devices/1", "profiles": {"bad": {"memory_mb": -1}}}))
+    with pytest.raises(ArtifactError, match=r"my.json: profile 'bad': power_w"):
+        load_profiles(user)
+    user.write_text(json.dumps({"format": "nonn.devices/1", "profiles": {"rpi3b+": {"link": {"bandwidth_mbps": "fast"}}}}))
+    with pytest.raises(ArtifactError, match=r"my.json: profile 'rpi3b\+': link.bandwidth_mbps: expected a positive number"):
+        load_profiles(user)
+
+
+def test_plan_four_pis_costs_follow_the_model() -> None:
+    bundle = make_bundle()
+    devices = parse_device_list("rpi3b+:4")
+    p = plan(bundle, devices)
+    assert sorted(p.assignment()) == [f"student_{k}" for k in range(4)]
+    assert len(set(p.assignment().values())) == 4
+    pi = devices[0]
+    row = p.devices[0]
+    assert row.memory_mb == pytest.approx(RUNTIME_FOOTPRINT_MB + (2 * 200_000 + 100_000) / 2**20)
+    assert row.compute_ms == pytest.approx(1e7 / (pi.gflops * 1e9) * 1000)
+    # What a device sends: the 16-float feature vector (64 B) plus KServe/gRPC/HTTP2/TCP overhead.
+    assert row.sent_bytes == infer_wire_bytes("student_0", "features", [1, 16], response=True)
+    assert 64 < row.sent_bytes < 400
+    assert p.nonn.bytes_per_inference == sum(r.sent_bytes for r in p.devices)
+
+    # Model-parallel bytes follow from the teacher's activation shapes: two conv layers, each
+    # with its input scattered and output gathered by the owner, three bands of four go out.
+    band = lambda elements, response: infer_wire_bytes("layer", "band", [1, round(elements / 4)], response=response)  # noqa: E731
+    expected = 3 * (band(28 * 28, False) + band(64 * 28 * 28, True) + band(64 * 28 * 28, False) + band(64 * 14 * 14, True))
+    assert p.model_parallel is not None and p.model_parallel.bytes_per_inference == expected
+    assert p.model_parallel.bytes_per_inference > 100 * p.nonn.bytes_per_inference
+    # The teacher (2 GFLOP) on one Pi is slower than four students of 10 MFLOP in parallel.
+    ratios = p.ratios()
+    assert p.teacher is not None and p.teacher.memory_per_device_mb == pytest.approx(model_memory_mb(16_000_000, 2 * 64 * 28 * 28 * 4))
+    assert ratios["teacher"]["latency"] > 10 and ratios["model_parallel"]["bytes_per_inference"] > 100
+    text = format_plan(p)
+    assert "rpi3b+#3" in text and "teacher/NoNN" in text and "model-parallel/NoNN" in text
+    assert json.loads(json.dumps(p.to_dict()))["assignment"] == p.assignment()
+
+
+def test_plan_balances_the_slowest_device() -> None:
+    # Two heavy and two light students on two fast and two slow devices: min-max puts the heavy
+    # ones on the fast devices. Checked against brute force over all placements.
+    bundle = make_bundle(student_flops=(4e8, 1e7, 3e8, 2e7))
+    devices = parse_device_list("rpi3b+,x86,rpi3b+,rpi4b")
+    p = plan(bundle, devices)
+    assert p.assignment()["student_0"] in ("x86", "rpi4b") and p.assignment()["student_2"] in ("x86", "rpi4b")
+    by_student = {r.student: r.busy_ms for r in p.devices if r.student}
+    best = min(
+        max(
+            infer_time
+            for infer_time in (
+                plan_time(bundle, devices, k, d) for k, d in enumerate(perm)
+            )
+        )
+        for perm in itertools.permutations(range(4))
+    )
+    assert max(by_student.values()) == pytest.approx(best)
+
+
+def plan_time(bundle: Bundle, devices, k: int, d: int) -> float:
+    """busy time of student k on device d, from a one-student, one-device plan."""
+    one = make_bundle(student_flops=(bundle.students[k].flops,), student_bytes=(bundle.students[k].size_bytes,), feature_sizes=(16,))
+    return plan(one, [devices[d]]).devices[0].busy_ms
+
+
+def test_infeasible_plans_name_the_student_and_shortfall() -> None:
+    with pytest.raises(PlanError, match=r"fewer devices than students: the bundle has 4 students .* gives 3; add 1 more"):
+        plan(make_bundle(), parse_device_list("rpi3b+:3"))
+    too_big = make_bundle(student_bytes=(200_000, 600 * 2**20, 200_000, 200_000))
+    with pytest.raises(PlanError, match=r"student_1 needs 1282\.\d MB .* largest device, rpi3b\+#0, has 824 MB available .* short by 458\.\d MB"):
+        plan(too_big, parse_device_list("rpi3b+:4"))
+    # It fits the Jetson, but two such students cannot share one.
+    two_big = make_bundle(student_bytes=(500 * 2**20, 500 * 2**20, 200_000, 200_000))
+    with pytest.raises(PlanError, match="no placement fits every student: student_[01]"):
+        plan(two_big, parse_device_list("jetson-nano,rpi3b+:3"))
+    assert plan(two_big, parse_device_list("jetson-nano:2,rpi3b+:2")).assignment()["student_0"].startswith("jetson-nano")
+
+
+def test_cli_plan_and_simulation_hook(tmp_path: Path, capsys) -> None:
+    bundle = make_bundle()
+    bundle.save(tmp_path / "b")
+    assert main(["plan", "--bundle", str(tmp_path / "b"), "--devices", "rpi3b+:4", "--json", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "student_3" in out and "latency (ms)" in out
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["format"] == "nonn.plan/1" and len(saved["devices"]) == 4
+    assert main(["plan", "--bundle", str(tmp_path / "b"), "--devices", "rpi3b+:2"]) == 2
+    assert "fewer devices than students" in capsys.readouterr().err
+    est = simulation_estimates(tmp_path / "b", [{"name": "rpi3b+"}] * 4)
+    assert est is not None and est["comparison"][0]["metric"] == "memory per device"
