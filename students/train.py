@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -456,6 +457,10 @@ def _restore_rng(state: dict[str, Any], loader: Any, dropout_gen: torch.Generato
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(entry) + "\n" for entry in history))
 
@@ -581,16 +586,18 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
     teacher_params = setup.teacher_meta["params"]
     for epoch in range(start_epoch, config.epochs):
         ensemble.train()
-        sums = {"loss": 0.0, "kd": 0.0, "at": 0.0, "correct": 0.0, "images": 0}
+        # Running sums stay on the device (no per-step synchronisation); read once per epoch.
+        running = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kd, at, correct
+        seen = 0
         started = time.perf_counter()
         bar = _progress(loader, show, f"epoch {epoch + 1}/{config.epochs}")
-        for x_all, y_all in bar:
+        for step, (x_all, y_all) in enumerate(bar):
             if len(y_all) < 2 * dist_info.world:
                 continue  # too few images for BatchNorm on every rank; every rank skips alike
             present_all = sample_presence(len(y_all), ensemble.num_students, config.student_dropout, dropout_gen)
             x = _shard(x_all, dist_info).to(device, non_blocking=True)
             y = _shard(y_all, dist_info).to(device, non_blocking=True)
-            present = _shard(present_all, dist_info).to(device)
+            present = _shard(present_all, dist_info).to(device, non_blocking=True)
             with autocast:
                 t_logits, t_map = setup.features(x)
                 logits, pooled, maps = train_module(x, present if config.student_dropout > 0 else None, need_maps)
@@ -603,8 +610,6 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
                 else:
                     at = torch.zeros((), device=device)
                 loss = kd + at
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch + 1}; lower --lr or --beta")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -614,16 +619,18 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
                 loss.backward()
                 optimizer.step()
             n = len(y)
-            sums["loss"] += loss.item() * n
-            sums["kd"] += kd.item() * n
-            sums["at"] += at.item() * n
-            sums["correct"] += (logits.argmax(dim=1) == y).sum().item()
-            sums["images"] += n
-            if show:
-                bar.set_postfix(loss=f"{sums['loss'] / sums['images']:.3f}", acc=f"{sums['correct'] / sums['images']:.3f}")
+            running += torch.stack([loss.detach() * n, kd.detach() * n, at.detach() * n, (logits.detach().argmax(1) == y).sum()]).double()
+            seen += n
+            if show and step % 10 == 0:
+                values = running.tolist()
+                bar.set_postfix(loss=f"{values[0] / seen:.3f}", acc=f"{values[3] / seen:.3f}", refresh=False)
+        elapsed = time.perf_counter() - started
+        values = running.tolist()
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss {values[0]}); lower --lr or --beta")
+        sums = {"loss": values[0], "kd": values[1], "at": values[2], "correct": values[3], "images": seen}
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        elapsed = time.perf_counter() - started
         if dist_info.enabled:
             sums = _all_reduce_sums(sums, device)
         if dist_info.is_main:
@@ -656,10 +663,10 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
                 "complete": epoch + 1 == config.epochs,
                 "baseline": config.baseline,
                 "students": [
-                    {"name": student_name(k), "spec": s.spec.to_dict(), "group": setup.groups[k], "state_dict": s.state_dict()}
+                    {"name": student_name(k), "spec": s.spec.to_dict(), "group": setup.groups[k], "state_dict": _cpu_state(s)}
                     for k, s in enumerate(ensemble.students)
                 ],
-                "head": ensemble.head.state_dict(),
+                "head": _cpu_state(ensemble.head),
                 "groups": setup.groups,
                 "partition": setup.partition,
                 "dataset": setup.data.meta(),

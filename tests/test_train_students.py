@@ -64,9 +64,9 @@ def test_training_writes_checkpoint_metrics_and_learns(files, tmp_path):
     assert report.accuracy == pytest.approx(result["accuracy"])
 
 
-@pytest.mark.parametrize("at", ["spatial", "pooled"])
-def test_resume_equals_uninterrupted_run(files, tmp_path, monkeypatch, at):
-    kw = dict(epochs=3, student_dropout=0.3, at=at)
+def test_resume_equals_uninterrupted_run(files, tmp_path, monkeypatch):
+    # Spatial attention transfer and student dropout: every random stream must resume exactly.
+    kw = dict(epochs=3, student_dropout=0.3, at="spatial")
     full = tmp_path / "full.pt"
     train_students(config(files, full, **kw))
 
