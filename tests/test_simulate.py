@@ -178,3 +178,75 @@ def test_simulate_checks_its_inputs(bundle, data):
     with pytest.raises(ValueError, match="images have shape"):
         simulate(bundle.root, [tiny_profile()] * 3, np.zeros((4, 3, 4, 4), np.float32), y[:4])
     _assert_no_children()
+
+
+TINY_PROFILES = {
+    "format": "nonn.devices/1",
+    "profiles": {
+        "tiny": {
+            "memory_mb": 2048,
+            "gflops": 1.0,
+            "power_w": {"idle": 1.0, "active": 2.0},
+            "link": {"bandwidth_mbps": 100, "latency_ms": 2.0, "loss": 0.0},
+            "threads": 1,
+            "sources": {"all": "made up for the tests"},
+        }
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    bundle = make_bundle(root / "bundle", feature_sizes=(2, 3), seed=3)
+    x = tiny_images(30, seed=4)
+    y = ensemble_predictions(bundle, x)
+    np.savez(root / "data.npz", x=x, y=y, x_test=x, y_test=y)
+    np.save(root / "teacher.npy", y)
+    (root / "profiles.json").write_text(json.dumps(TINY_PROFILES))
+    return root
+
+
+def test_cli_simulate_with_a_fault_writes_json_and_html(cli_inputs, capsys):
+    from nonn.cli import main
+
+    root = cli_inputs
+    code = main([
+        "simulate", "--bundle", str(root / "bundle"), "--devices", "tiny:2", "--profiles", str(root / "profiles.json"),
+        "--dataset", str(root / "data.npz"), "--requests", "30", "--concurrency", "2", "--rate", "60",
+        "--kill", "1@0.3:0.2", "--recovery", "0.3", "--network", "delay", "--no-progress",
+        "--teacher-predictions", str(root / "teacher.npy"),
+        "--json", str(root / "sim.json"), "--report", str(root / "sim.html"),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    report = json.loads((root / "sim.json").read_text())
+    assert report["lost"] == 0 and report["degraded"] > 0 and report["requests"] >= 30
+    assert report["accuracy_all_devices"] == 1.0 and report["teacher_agreement"] is not None
+    assert report["network_emulation"]["mode"] == "client-delay"
+    assert [d["profile"] for d in report["devices"]] == ["tiny", "tiny"]
+    assert [d["memory_limit_mb"] for d in report["devices"]] == [2048.0, 2048.0]
+    assert report["devices"][1]["starts"] == 2
+    assert "accuracy during outage" in out and "HTML report:" in out
+    assert (root / "sim.html").read_text().count("data:image/png;base64,") == 3
+    _assert_no_children()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--devices", "tiny:3"], "gives 3 device(s) for a bundle with 2 students"),
+        (["--devices", "tiny:2", "--kill", "5@1"], "device 5 does not exist"),
+        (["--devices", "tiny:2", "--kill", "1at2"], "expected DEVICE@SECONDS"),
+        (["--devices", "nosuch:2"], "unknown device profile 'nosuch'"),
+    ],
+)
+def test_cli_simulate_rejects_bad_arguments(cli_inputs, capsys, extra, message):
+    from nonn.cli import main
+
+    root = cli_inputs
+    code = main(["simulate", "--bundle", str(root / "bundle"), "--profiles", str(root / "profiles.json"),
+                 "--dataset", str(root / "data.npz"), "--no-progress", *extra])  # fmt: skip
+    assert code == 2
+    assert message in capsys.readouterr().err
+    _assert_no_children()
