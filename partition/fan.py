@@ -27,16 +27,13 @@ __all__ = [
     "validate_fan",
 ]
 
-# Pair weights formed per chunk in `build_fan` (at least; see `_chunk_images`). Small enough
-# for the buffers to stay in cache (2 MB of float64), which is faster than big chunks.
-PAIRS_PER_CHUNK = 1 << 18
+# Pair weights formed per block in `build_fan` (at least; see `_block_images`): small enough
+# for the buffers to stay in cache, large enough that per-block overheads do not matter.
+PAIRS_PER_BLOCK = 1 << 19
 
 
-def validate_activations(activations: np.ndarray) -> np.ndarray:
-    """Check an (images x filters) activation matrix; return it as float64.
-
-    Raises ValueError for a wrong rank, no images, no filters, or non-finite values.
-    """
+def _check_activation_array(activations: np.ndarray) -> np.ndarray:
+    """Shape and dtype checks for an (images x filters) array, without copying it."""
     a = np.asarray(activations)
     if a.ndim != 2:
         raise ValueError(
@@ -48,11 +45,23 @@ def validate_activations(activations: np.ndarray) -> np.ndarray:
         raise ValueError("activations hold no filters (shape has 0 columns)")
     if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
         raise ValueError(f"activations must be a real numeric array, got dtype {a.dtype}")
-    a = a.astype(np.float64, copy=False)
+    return a
+
+
+def _as_finite_float64(block: np.ndarray) -> np.ndarray:
+    a = block.astype(np.float64, copy=False)
     if not np.isfinite(a).all():
         bad = int((~np.isfinite(a)).sum())
         raise ValueError(f"activations contain {bad} non-finite values (NaN or inf)")
     return a
+
+
+def validate_activations(activations: np.ndarray) -> np.ndarray:
+    """Check an (images x filters) activation matrix; return it as float64.
+
+    Raises ValueError for a wrong rank, no images, no filters, or non-finite values.
+    """
+    return _as_finite_float64(_check_activation_array(activations))
 
 
 def _check_top_k(top_k: int, num_filters: int) -> int:
@@ -62,36 +71,45 @@ def _check_top_k(top_k: int, num_filters: int) -> int:
     return int(min(top_k, num_filters))
 
 
-def normalize_activations(activations: np.ndarray) -> np.ndarray:
-    """ReLU, then divide each image's row by its maximum; all-zero rows stay zero."""
-    a = np.maximum(validate_activations(activations), 0.0)
+def _relu_max_normalise(a: np.ndarray) -> np.ndarray:
+    a = np.maximum(a, 0.0)
     row_max = a.max(axis=1, keepdims=True)
     return np.divide(a, row_max, out=np.zeros_like(a), where=row_max > 0)
+
+
+def normalize_activations(activations: np.ndarray) -> np.ndarray:
+    """ReLU, then divide each image's row by its maximum; all-zero rows stay zero."""
+    return _relu_max_normalise(validate_activations(activations))
 
 
 def top_k_mask(values: np.ndarray, top_k: int) -> np.ndarray:
     """Boolean mask of each row's k largest entries (ties: lower column index wins).
 
     Exactly k entries per row are selected. Vectorised: the k-th largest value comes from
-    np.partition; entries above it are in, and among entries equal to it the lowest-indexed
-    ones fill the remaining places.
+    np.partition and entries at or above it are in; only rows where that picks more than k
+    (ties at the k-th value) go through the exact tie rule: among entries equal to the k-th
+    value, the lowest-indexed ones fill the remaining places.
     """
     n, c = values.shape
     k = _check_top_k(top_k, c)
     if k == c:
         return np.ones((n, c), dtype=bool)
     kth = np.partition(values, c - k, axis=1)[:, c - k : c - k + 1]
-    above = values > kth
-    equal = values == kth
-    places_left = k - above.sum(axis=1, keepdims=True)
-    return above | (equal & (np.cumsum(equal, axis=1) <= places_left))
+    mask = values >= kth
+    tied = np.flatnonzero(mask.sum(axis=1) != k)
+    if tied.size:
+        vals, kth_tied = values[tied], kth[tied]
+        equal = vals == kth_tied
+        places_left = k - (vals > kth_tied).sum(axis=1, keepdims=True)
+        mask[tied] = (vals > kth_tied) | (equal & (np.cumsum(equal, axis=1) <= places_left))
+    return mask
 
 
-def _chunk_images(num_filters: int, top_k: int) -> int:
-    """Images per chunk: about PAIRS_PER_CHUNK pairs, or C*C when the matrix is larger (so the
-    per-chunk np.bincount of length C*C stays a small share of the work)."""
+def _block_images(num_filters: int, top_k: int) -> int:
+    """Images per block: about PAIRS_PER_BLOCK pairs, or C*C when the matrix is larger (so the
+    per-block np.bincount of length C*C stays a small share of the work)."""
     pairs_per_image = max(1, top_k * (top_k - 1) // 2)
-    return max(1, max(PAIRS_PER_CHUNK, num_filters * num_filters) // pairs_per_image)
+    return max(1, max(PAIRS_PER_BLOCK, num_filters * num_filters) // pairs_per_image)
 
 
 def build_fan(
@@ -101,41 +119,51 @@ def build_fan(
 
     activations: (images, filters) spatial means of the final conv layer (any real dtype).
     top_k: filters kept per image (clamped to the number of filters).
-    chunk_images: images per chunk (default: sized so the pair buffers stay small).
+    chunk_images: images per block (default: sized so the pair buffers stay small).
     Returns a (filters, filters) float64 matrix, symmetric with a zero diagonal.
 
-    Per chunk of images: select each image's top-k filters (see `top_k_mask`), form all
-    k(k-1)/2 pair weights at once, and accumulate them into W with one np.bincount on the
-    flattened (i, j) indices. Memory is bounded by the chunk, not the data set.
+    Per block of images: normalise, select each image's top-k filters (see `top_k_mask`;
+    their indices ascending), then for each rank r form the weights of the pairs (r, s > r)
+    for all images of the block at once, into one flat buffer, and accumulate the whole block
+    into W with a single np.bincount on the flattened (i, j) indices. The only Python loop is
+    over blocks and the k - 1 ranks; memory is bounded by the block, not the data set.
     """
-    a = validate_activations(activations)
+    a = _check_activation_array(activations)
     n, c = a.shape
     k = _check_top_k(top_k, c)
     if chunk_images is None:
-        chunk_images = _chunk_images(c, k)
+        chunk_images = _block_images(c, k)
     if chunk_images < 1:
         raise ValueError(f"chunk_images must be >= 1, got {chunk_images}")
     fan_flat = np.zeros(c * c, dtype=np.float64)
-    if k < 2:
-        return fan_flat.reshape(c, c)
-    pair_r, pair_s = np.triu_indices(k, 1)
-    index_dtype = np.int32 if c * c < 2**31 else np.int64
-    for start in range(0, n, chunk_images):
-        norm = normalize_activations(a[start : start + chunk_images])
-        mask = top_k_mask(norm, k)
-        # Exactly k selected per row; nonzero() walks rows in order, columns ascending.
-        cols = np.nonzero(mask)[1].reshape(-1, k).astype(index_dtype)
-        vals = np.take_along_axis(norm, cols, axis=1)
-        v_r, v_s = vals[:, pair_r], vals[:, pair_s]
-        weights = np.subtract(v_r, v_s)  # a_i * a_j * |a_i - a_j|, in place
-        np.abs(weights, out=weights)
-        weights *= v_r
-        weights *= v_s
-        flat_index = (cols * c)[:, pair_r]
-        flat_index += cols[:, pair_s]
-        fan_flat += np.bincount(flat_index.ravel(), weights=weights.ravel(), minlength=c * c)
+    pairs_per_image = k * (k - 1) // 2
+    block = min(chunk_images, n)
+    weight_buf = np.empty(block * pairs_per_image, dtype=np.float64)
+    index_buf = np.empty(block * pairs_per_image, dtype=np.intp)  # np.bincount's own index type
+    for start in range(0, n, block):
+        norm = _relu_max_normalise(_as_finite_float64(a[start : start + block]))
+        if k < 2:
+            continue
+        rows = norm.shape[0]
+        # Exactly k selected per row; flatnonzero walks rows in order, columns ascending, so
+        # every pair (rank r < rank s) below has filter i < j: it lands in the upper triangle.
+        flat = np.flatnonzero(top_k_mask(norm, k)).reshape(rows, k)
+        vals = np.ascontiguousarray(norm.ravel()[flat].T)  # (k, rows): one rank per row
+        cols = np.ascontiguousarray((flat - np.arange(rows)[:, None] * c).T)
+        row_offsets = cols * c
+        pos = 0
+        for r in range(k - 1):
+            size = (k - 1 - r) * rows
+            first, later = vals[r], vals[r + 1 :]
+            weights = weight_buf[pos : pos + size].reshape(k - 1 - r, rows)
+            np.subtract(first, later, out=weights)  # a_i * a_j * |a_i - a_j|
+            np.abs(weights, out=weights)
+            weights *= first
+            weights *= later
+            np.add(row_offsets[r], cols[r + 1 :], out=index_buf[pos : pos + size].reshape(k - 1 - r, rows))
+            pos += size
+        fan_flat += np.bincount(index_buf[:pos], weights=weight_buf[:pos], minlength=c * c)
     fan = fan_flat.reshape(c, c)
-    # Each pair was counted once with i < j (cols ascending); mirror it.
     return fan + fan.T
 
 
