@@ -489,6 +489,7 @@ def export_bundle(
             fp32_dir = tmp / "fp32"
             fp32_dir.mkdir()
             int8_feature_diffs = []
+            fp32_parity = [e.parity_max_abs_diff for e in entries]
             fp32_bytes = sum(p.stat().st_size for p in fp32_files)
             for entry, fp32 in zip(entries, fp32_files):
                 bar.set_postfix_str(f"int8 {entry.name}")
@@ -508,6 +509,7 @@ def export_bundle(
                 "fp32_bytes": int(fp32_bytes),
                 "int8_bytes": int(sum(p.stat().st_size for p in fp32_files)),
                 "max_abs_feature_diff": int8_feature_diffs,
+                "fp32_parity_max_abs_diff": fp32_parity,
                 "fp32_models": "fp32/",
             }
             if eval_x is not None:
@@ -579,6 +581,7 @@ def export_from_checkpoint(
     *,
     quantize: str | None = None,
     opset: int | None = None,
+    dataset: str | None = None,
     data_dir: str | None = None,
     calibration_count: int = 256,
     parity_count: int = 64,
@@ -588,18 +591,28 @@ def export_from_checkpoint(
     progress: bool = False,
 ) -> Bundle:
     """Export a students checkpoint ("nonn.students/1"): real test images for parity and the
-    accuracy report, a seeded random sample of training images for int8 calibration."""
-    from nonn.students.data import load_dataset
-    from nonn.students.train import load_students
+    accuracy report, a seeded random sample of training images for int8 calibration.
 
+    The data set is the one the students were trained on (as the checkpoint recorded it), or
+    `dataset` when given; it must have the recorded input shape and number of classes.
+    """
+    from nonn.students.data import load_dataset
+    from nonn.students.train import check_dataset_matches, load_students
+
+    if calibration_count < 1 or parity_count < 1 or eval_count < 0:
+        raise ExportError(
+            f"need calibration_count >= 1, parity_count >= 1, eval_count >= 0; got {calibration_count}, {parity_count}, {eval_count}"
+        )
     loaded = load_students(path)
     meta = loaded.meta
     dataset_meta = meta.get("dataset") or {}
-    if not dataset_meta.get("name"):
-        raise ArtifactError(f"{path}: the checkpoint records no dataset name; cannot pick calibration and parity images")
-    data = load_dataset(dataset_meta["name"], data_dir)
-    if list(data.input_shape) != [int(d) for d in dataset_meta.get("input_shape", data.input_shape)]:
-        raise ExportError(f"{path}: trained on input shape {dataset_meta['input_shape']} but {data.name} has {list(data.input_shape)}")
+    spec = dataset or (meta.get("config") or {}).get("dataset") or dataset_meta.get("name")
+    if not spec:
+        raise ArtifactError(f"{path}: the checkpoint records no data set; pass the one it was trained on (--dataset)")
+    data = load_dataset(spec, data_dir)
+    check_dataset_matches(dataset_meta, data, what=f"students checkpoint {path}")
+    # Normalise exactly as in training: the checkpoint's recorded statistics win.
+    dataset_meta = {**data.meta(), **dataset_meta}
     rng = np.random.default_rng(seed)
     calib = data.train_x[rng.permutation(len(data.train_x))[:calibration_count]]
     test_x, test_y = (data.test_x, data.test_y) if len(data.test_x) else (data.train_x, data.train_y)

@@ -179,3 +179,36 @@ def test_profile_counts_match_torch_flop_counter() -> None:
     assert prof.layers[0].name == "conv1" and prof.layers[0].output_shape == [16, 32, 32]
     assert prof.layers[-1].name == "fc" and prof.layers[-1].output_shape == [10]
     assert prof.activation_bytes >= 2 * 16 * 32 * 32 * 4
+
+
+def test_cli_export_verify_plan_from_a_trained_checkpoint(tmp_path: Path, capsys) -> None:
+    from nonn.cli import main
+    from nonn.students.train import StudentsConfig, train_students
+
+    from students_testing import make_npz, make_partition, make_teacher
+
+    data = make_npz(tmp_path / "bars.npz")
+    teacher = make_teacher(tmp_path / "teacher.pt", data)
+    partition = make_partition(tmp_path / "partition.json", teacher)
+    ckpt = tmp_path / "students.pt"
+    train_students(
+        StudentsConfig(
+            partition=str(partition), out=str(ckpt), teacher=str(teacher), dataset=str(data), arch="cnn-small:width=4",
+            epochs=1, batch_size=16, lr=0.05, beta=10.0, device="cpu", progress=False,
+        )
+    )
+    out = tmp_path / "bundle"
+    assert main(["export", "--students", str(ckpt), "--out", str(out), "--quantize", "int8", "--calibration-images", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8: students" in printed and "parity student_1" in printed
+    bundle = Bundle.load(out)
+    assert [s.group for s in bundle.students] == [[0, 2, 5], [1, 3, 4, 6, 7]]
+    assert bundle.teacher is not None and bundle.teacher.arch["name"] == "cnn-small"
+    assert bundle.quantization["calibration_images"] == 32 and bundle.quantization["eval_images"] == 48
+    assert main(["bundle", "verify", str(out)]) == 0
+    assert main(["plan", "--bundle", str(out), "--devices", "rpi3b+:2"]) == 0
+    assert "model-parallel/NoNN" in capsys.readouterr().out
+    # Bad input: the error names the value and what was expected.
+    assert main(["export", "--students", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

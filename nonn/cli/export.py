@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-images", type=int, default=256, help="training images for int8 calibration (default: 256)")
     p.add_argument("--parity-images", type=int, default=64, help="test images for the ONNX Runtime vs PyTorch parity check (default: 64)")
     p.add_argument("--eval-images", type=int, default=2000, help="test images for the accuracy report (default: 2000; 0 skips it)")
-    p.add_argument("--data-dir", default=None, help="directory of the checkpoint's data set (default: its standard location)")
+    p.add_argument("--dataset", default=None, help="data set for parity, calibration and accuracy (default: the one the students were trained on)")
+    p.add_argument("--data-dir", default=None, help="directory of the data set's files (default: its standard location)")
     p.add_argument("--no-overwrite", action="store_true", help="fail if --out exists instead of replacing it")
     p.set_defaults(func=_export)
 
@@ -55,12 +56,16 @@ def _export(args: argparse.Namespace) -> int:
     from nonn.students.export import export_from_checkpoint
 
     if args.calibration_images < 1 or args.parity_images < 1 or args.eval_images < 0:
-        raise ValueError("--calibration-images and --parity-images must be >= 1, --eval-images >= 0")
+        raise ValueError(
+            f"--calibration-images ({args.calibration_images}) and --parity-images ({args.parity_images}) must be >= 1, "
+            f"--eval-images ({args.eval_images}) >= 0"
+        )
     bundle = export_from_checkpoint(
         args.students,
         args.out,
         quantize=args.quantize,
         opset=args.opset,
+        dataset=args.dataset,
         data_dir=args.data_dir,
         calibration_count=args.calibration_images,
         parity_count=args.parity_images,
@@ -77,6 +82,8 @@ def _export(args: argparse.Namespace) -> int:
             print(f"  parity {entry.name}: max |onnx - torch| = {entry.parity_max_abs_diff:.2e}")
     if bundle.quantization:
         q = bundle.quantization
+        for entry, fp32_diff, int8_diff in zip(bundle.students, q["fp32_parity_max_abs_diff"], q["max_abs_feature_diff"]):
+            print(f"  parity {entry.name}: fp32 max |onnx - torch| = {fp32_diff:.2e}; int8 vs fp32 features max |diff| = {int8_diff:.3g}")
         print(
             f"  int8: students {q['fp32_bytes'] / 1024:.1f} KiB -> {q['int8_bytes'] / 1024:.1f} KiB; "
             f"accuracy {_pct(q.get('fp32_accuracy'))} -> {_pct(q.get('int8_accuracy'))} on {q.get('eval_images')} test images"
