@@ -456,6 +456,10 @@ class NamespaceNetwork(NetworkEmulation):
     def command_prefix(self, index: int) -> list[str]:
         return ["ip", "netns", "exec", self._ns(index)]
 
+    def qdisc_args(self, link: LinkModel) -> list[str]:
+        """The queueing discipline put on both ends of a device's veth pair."""
+        return link.netem_args()
+
     def setup(self) -> None:
         if self._set_up:
             return
@@ -474,8 +478,8 @@ class NamespaceNetwork(NetworkEmulation):
                 _run(["ip", "-n", ns, "addr", "add", f"{self.server_host(i)}/30", "dev", dev_if])
                 _run(["ip", "-n", ns, "link", "set", dev_if, "up"])
                 _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-                _run(["tc", "qdisc", "add", "dev", host_if, "root", *link.netem_args()])
-                _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev_if, "root", *link.netem_args()])
+                _run(["tc", "qdisc", "add", "dev", host_if, "root", *self.qdisc_args(link)])
+                _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev_if, "root", *self.qdisc_args(link)])
         except BaseException:
             self.close()
             raise

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +175,100 @@ def test_choose_network_modes():
     with pytest.raises(ValueError, match="not one of"):
         choose_network("wifi", links)
     assert isinstance(NetworkEmulation(links).server_port(0), int)
+
+
+# --------------------------------------------------------------------------- local fleet
+
+
+def _namespaces_possible() -> bool:
+    import os
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        return False
+    probe = subprocess.run(["ip", "netns", "add", "nonnprobe"], capture_output=True)
+    subprocess.run(["ip", "netns", "del", "nonnprobe"], capture_output=True)
+    return probe.returncode == 0
+
+
+class _TokenBucketNamespaces(NamespaceNetwork):
+    """Namespaces shaped with tbf (bandwidth only): runs where the kernel lacks netem."""
+
+    def qdisc_args(self, link: LinkModel) -> list[str]:
+        return ["tbf", "rate", f"{link.bandwidth_mbps:g}mbit", "burst", "32kbit", "latency", "50ms"]
+
+
+@pytest.mark.skipif(not _namespaces_possible(), reason="needs root and iproute2 network namespaces")
+def test_fleet_in_network_namespaces_serves_and_cleans_up(tmp_path):
+    import numpy as np
+
+    from fleet_testing import ensemble_predictions, make_bundle, tiny_images, tiny_profile
+    from nonn.devices.fleet import LocalFleet
+    from nonn.runtime.aggregator import Aggregator, preprocess_images
+
+    bundle = make_bundle(tmp_path / "bundle", feature_sizes=(2, 2))
+    network = _TokenBucketNamespaces([LinkModel(bandwidth_mbps=50.0)] * 2, reason="test")
+    x = tiny_images(8)
+    with LocalFleet(bundle.root, [tiny_profile()] * 2, network) as fleet:
+        namespaces = list(network.namespaces)
+        assert len(namespaces) == 2
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert all(ns in listed for ns in namespaces)
+        # Each server listens on its namespace's address, reached over the veth pair.
+        assert [e.rsplit(":", 1)[0] for e in fleet.endpoints] == [network.server_host(0), network.server_host(1)]
+        assert all(fleet.is_serving(i) for i in range(2))
+        pre = bundle.preprocessing
+        with Aggregator(bundle, fleet.endpoints, deadline_s=5.0) as agg:
+            result = agg.infer_sync(preprocess_images(x, pre.mean, pre.std, pre.input_shape))
+        assert all(result.contributed)
+        assert np.array_equal(result.logits.argmax(axis=1), ensemble_predictions(bundle, x))
+        pids = fleet.pids()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(ns in listed for ns in namespaces)
+    links = subprocess.run(["ip", "link", "show"], capture_output=True, text=True).stdout
+    assert f"nnh{network._tag}x0" not in links
+    import psutil
+
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_devices_die_with_a_killed_launcher(tmp_path):
+    """Even SIGKILL of the launching process (no atexit, no finally) leaves no device server behind."""
+    import os
+    import signal
+    import sys
+
+    import psutil
+
+    from fleet_testing import make_bundle
+
+    make_bundle(tmp_path / "bundle", feature_sizes=(2, 2))
+    script = (
+        "import sys, time\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from fleet_testing import tiny_profile\n"
+        "from nonn.devices.fleet import LocalFleet\n"
+        "fleet = LocalFleet(sys.argv[1], [tiny_profile()] * 2)\n"
+        "fleet.start()\n"
+        "print(*fleet.pids(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    tests_dir = str(Path(__file__).parent)
+    launcher = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "bundle"), tests_dir], stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        pids = [int(p) for p in launcher.stdout.readline().split()]
+        assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(10)
+        deadline = time.monotonic() + 10
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+            time.sleep(0.1)
+        assert alive == [], f"device servers outlived their launcher: {alive}"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in pids:  # only if the test failed: do not leave its servers running
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()

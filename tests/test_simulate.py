@@ -134,16 +134,17 @@ def test_kill_and_restart_gives_degraded_answers_and_loses_nothing(bundle, data)
     _assert_no_children()
 
 
-def test_every_process_is_stopped_when_the_run_fails(bundle, data):
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_every_process_is_stopped_when_the_run_fails(bundle, data, error):
     x, y = data
     seen: list[int] = []
 
     def explode(done: int) -> None:
         if done == 5:
             seen.extend(p for f in live_fleets() for p in f.pids())
-            raise RuntimeError("stream interrupted")
+            raise error("stream interrupted")
 
-    with pytest.raises(RuntimeError, match="stream interrupted"):
+    with pytest.raises(error):
         simulate(
             bundle.root,
             [tiny_profile()] * 3,
@@ -153,6 +154,7 @@ def test_every_process_is_stopped_when_the_run_fails(bundle, data):
             on_progress=explode,
         )
     assert len(seen) == 3
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in seen)
     _assert_no_children()
 
 
