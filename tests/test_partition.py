@@ -226,4 +226,7 @@ def test_cli_partition_from_fan(tmp_path, capsys):
     assert "square" in capsys.readouterr().err
     assert main(["partition", "--fan", str(fan_path), "-K", "40", "--out", str(tmp_path / "x.json")]) == 2
     assert "larger than the 32 filters" in capsys.readouterr().err
+    np.savez(tmp_path / "fan.npz", fan=np.zeros((4, 4)))
+    assert main(["partition", "--fan", str(tmp_path / "fan.npz"), "-K", "2", "--out", str(tmp_path / "x.json")]) == 2
+    assert ".npz archive" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()

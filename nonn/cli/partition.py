@@ -44,7 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="MODULE:FUNCTION",
         help="bring your own teacher: a function returning an nn.Module (use with --weights)",
     )
-    part.add_argument("--weights", help="state_dict or nonn checkpoint for --teacher-factory")
+    part.add_argument(
+        "--weights",
+        help="state_dict or nonn checkpoint for --teacher-factory (without it, the weights the "
+        "factory itself loads are used)",
+    )
     part.add_argument(
         "--layer",
         help="module whose output is the final conv feature map (default: the model's "
@@ -91,9 +95,13 @@ def _load_npy(path: str, what: str) -> Any:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found (expected {what} .npy)")
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise ValueError(f"{path}: cannot read as .npy ({exc}); expected {what}") from exc
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        array.close()
+        raise ValueError(f"{path}: is an .npz archive; expected {what} .npy")
+    return array
 
 
 def _save_npy(path: str | Path, array: Any) -> None:
@@ -118,14 +126,6 @@ def run_fan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _torch_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _teacher_fan(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], dict[str, Any]]:
     """Load the teacher and data, collect activations, build the FAN.
 
@@ -134,17 +134,15 @@ def _teacher_fan(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], di
     from nonn.partition.fan import build_fan
     from nonn.students.data import load_dataset
     from nonn.students.loader import make_loader
-    from nonn.students.teacher import load_teacher
+    from nonn.students.teacher import load_teacher, resolve_device
 
-    if args.teacher_factory and not args.weights:
-        raise CLIError("--teacher-factory needs --weights (a state_dict or nonn teacher checkpoint)")
     if args.teacher and args.weights:
         raise CLIError("--weights goes with --teacher-factory; --teacher already holds the weights")
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be a positive number of images, got {args.limit}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
-    device = _torch_device(args.device)
+    device = resolve_device(args.device)
     loaded = load_teacher(args.teacher, factory=args.teacher_factory, weights=args.weights, map_location=device)
     layer = args.layer or loaded.feature_layer
     if not layer:
@@ -165,7 +163,7 @@ def _teacher_fan(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], di
     activations = collect_activations(loaded.model, layer, loader, device=device, progress=not args.no_progress)
     fan = build_fan(activations, top_k=args.top_k)
     teacher = {
-        "source": str(args.teacher or args.weights),
+        "source": str(args.teacher or args.weights or args.teacher_factory),
         "fingerprint": loaded.fingerprint,
         "arch": loaded.arch,
         "factory": loaded.factory,
@@ -210,7 +208,7 @@ def run_partition(args: argparse.Namespace) -> int:
         source = f"{args.fan}: " if args.fan else ""
         raise ValueError(f"{source}{exc}") from exc
     partition.save(args.out)
-    modularity = "n/a" if partition.modularity is None else f"{partition.modularity:.4f}"
+    modularity = "n/a" if partition.modularity is None else f"{partition.modularity + 0.0:.4f}"
     print(
         f"partition K={partition.num_students} strategy={partition.strategy}: sizes {partition.group_sizes}, "
         f"coverage {partition.coverage:.3f}, modularity {modularity}, "
