@@ -38,8 +38,7 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Sequence
 
 __all__ = [

@@ -21,7 +21,6 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -166,10 +165,6 @@ class SimulationResult:
     @property
     def num_devices(self) -> int:
         return len(self.student_names)
-
-
-def _profile_name(p: Any) -> str:
-    return str(p.get("name") if isinstance(p, dict) else getattr(p, "name", "device"))
 
 
 def simulate(

@@ -8,14 +8,13 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fleet_testing import make_bundle
 from nonn.devices.profiles import load_profiles
-from nonn.devices.report import REQUIRED_KEYS, build_report, format_table, render_html, write_html, write_json
+from nonn.devices.report import REQUIRED_KEYS, build_report, format_table, write_html, write_json
 from nonn.devices.simulate import FaultSpec, SimulationConfig, SimulationResult
 
 pytestmark = pytest.mark.timeout(120)
