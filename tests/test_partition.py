@@ -230,3 +230,20 @@ def test_cli_partition_from_fan(tmp_path, capsys):
     assert main(["partition", "--fan", str(tmp_path / "fan.npz"), "-K", "2", "--out", str(tmp_path / "x.json")]) == 2
     assert ".npz archive" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_fan_and_grouping_work_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from nonn.partition import build_fan, partition_fan, Partition\n"
+        "fan = build_fan(np.random.default_rng(0).random((30, 6)), top_k=3)\n"
+        "print(partition_fan(fan, 2).group_sizes)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[3, 3]"
