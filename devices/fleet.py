@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -103,13 +102,23 @@ class Device:
         return "\n".join(text[-lines:])
 
 
-_PR_SET_PDEATHSIG = 1
+# Run in the child before the server: ask Linux to SIGTERM it when its parent (the launcher)
+# dies (PR_SET_PDEATHSIG = 1, kept across exec), quit if the launcher is already gone, then exec
+# the real command. A trampoline rather than `preexec_fn`, so that Popen can use vfork and gRPC's
+# fork handlers in the launcher never run.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('nonn fleet: the launcher exited before this device started')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM this child when the process that started it dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _with_parent_watch(cmd: list[str], python: str) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [python, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 _fleets: "weakref.WeakSet[LocalFleet]" = weakref.WeakSet()
@@ -246,12 +255,11 @@ class LocalFleet:
                 logf.write(f"$ {' '.join(cmd)}\n".encode())
                 logf.flush()
                 d.process = subprocess.Popen(
-                    cmd,
+                    _with_parent_watch(cmd, self.python),
                     stdin=subprocess.DEVNULL,
                     stdout=logf,
                     stderr=subprocess.STDOUT,
                     env=env,
-                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
                 )
             d.starts += 1
             d.events.append({"t": self.elapsed(), "event": "start", "pid": d.process.pid})
