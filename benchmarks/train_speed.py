@@ -1,0 +1,124 @@
+"""Images/s of joint student training (train_students) against a minimal hand-written loop.
+
+Both sides do the same work per batch: the same seeded BatchLoader (shuffle, crop, flip,
+normalise), the frozen teacher's forward (logits + final feature map), the K students and the
+head, KD + pooled activation transfer, backward and an SGD step. train_students adds what a
+real run needs (forward hook, dropout mask, running metrics, DDP-ready wrapper); this measures
+what that costs. Each side's time covers the training pass only (train_students reports its
+per-epoch images/s without the evaluation); the two sides alternate --repeat times and the
+best pass of each is compared.
+
+    python benchmarks/train_speed.py                      # CPU, 2048 Fashion-MNIST images
+    python benchmarks/train_speed.py --device cuda --images 20000 --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nonn.partition import Partition
+from nonn.students.checkpoint import save_checkpoint
+from nonn.students.data import load_dataset
+from nonn.students.ensemble import build_ensemble, parse_arch_list
+from nonn.students.loader import make_loader
+from nonn.students.models import create_model
+from nonn.students.train import StudentsConfig, resolve_device, train_students
+
+
+def hand_written_pass(teacher, ensemble, optimizer, loader, partition_order, device, alpha, temperature, beta) -> float:
+    """One training pass written out plainly; returns images/s."""
+    ensemble.train()
+    seen = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.no_grad():
+            t_map = teacher.forward_features(x)
+            t_logits = teacher.forward_head(t_map)
+        pooled = [student(x) for student in ensemble.students]
+        s = torch.cat(pooled, dim=1)
+        logits = ensemble.head(s)
+        kd = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(t_logits / temperature, 1),
+                      reduction="batchmean", log_target=True) * temperature**2
+        loss = alpha * kd + (1 - alpha) * F.cross_entropy(logits, y)
+        t_p = t_map.mean(dim=(2, 3))[:, partition_order]
+        loss = loss + beta * (F.normalize(s, dim=1) - F.normalize(t_p, dim=1)).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--teacher-arch", default="wrn-16-2")
+    parser.add_argument("--arch", default="wrn-10-1:width=10", help="student backbone")
+    parser.add_argument("--students", type=int, default=2)
+    parser.add_argument("--images", type=int, default=2048, help="training images per pass")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=2, help="alternating passes per side; the best counts")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    data = load_dataset(args.dataset, args.data_dir)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        teacher = create_model(args.teacher_arch, data.num_classes, data.input_shape[0])
+        save_checkpoint({"format": "nonn.teacher/1", "arch": teacher.arch, "state_dict": teacher.state_dict(),
+                         "dataset": data.meta(), "feature_layer": teacher.feature_layer}, tmp / "teacher.pt")
+        c = teacher.num_features
+        groups = [list(range(k, c, args.students)) for k in range(args.students)]
+        Partition(num_filters=c, groups=groups, strategy="balanced", layer=teacher.feature_layer).save(tmp / "partition.json")
+        teacher = teacher.to(device).eval()
+        with torch.no_grad():
+            out_hw = tuple(teacher.forward_features(torch.zeros(1, *data.input_shape, device=device)).shape[2:])
+        partition_order = torch.tensor([i for g in groups for i in g], device=device)
+
+        joint, hand = [], []
+        for rep in range(args.repeat):
+            config = StudentsConfig(
+                partition=str(tmp / "partition.json"), out=str(tmp / f"students-{rep}.pt"), teacher=str(tmp / "teacher.pt"),
+                dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, epochs=1, batch_size=args.batch_size,
+                train_limit=args.images, eval_limit=256, device=str(device), amp=False, progress=False,
+            )
+            joint.append(train_students(config)["history"][-1]["images_per_s"])
+
+            torch.manual_seed(0)
+            ensemble = build_ensemble(parse_arch_list(args.arch, args.students), groups, data.num_classes,
+                                      data.input_shape[0], out_hw).to(device)
+            optimizer = torch.optim.SGD(ensemble.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+            loader = make_loader(data, "train", batch_size=args.batch_size, train=True, seed=0, limit=args.images)
+            hand.append(hand_written_pass(teacher, ensemble, optimizer, loader, partition_order, device, 0.9, 4.0, 1e4))
+            print(f"pass {rep + 1}: train_students {joint[-1]:.1f} images/s, hand-written loop {hand[-1]:.1f} images/s")
+
+    best_joint, best_hand = max(joint), max(hand)
+    result = {
+        "device": str(device), "threads": args.threads, "images": args.images, "batch_size": args.batch_size,
+        "teacher": args.teacher_arch, "students": args.students, "arch": args.arch,
+        "train_students_images_per_s": round(best_joint, 1), "hand_written_images_per_s": round(best_hand, 1),
+        "ratio": round(best_joint / best_hand, 3),
+    }
+    print(json.dumps(result, indent=2))
+    print(f"train_students runs at {100 * best_joint / best_hand:.1f}% of the hand-written loop's speed (goal: >= 90%)")
+
+
+if __name__ == "__main__":
+    main()
