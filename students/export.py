@@ -12,8 +12,9 @@ bundle and keeps any previous one.
 
 Exporter choice: torch.onnx.export(dynamo=True), the torch.export-based exporter (onnxscript),
 which is the maintained path in torch >= 2.9 and handles the dynamic batch dimension through
-`dynamic_shapes`; the TorchScript exporter is deprecated there. Its output is re-checked with
-onnx.checker / shape inference and ONNX Runtime regardless.
+`dynamic_shapes`; it emits opset 18 or newer. Only when an older opset is asked for (for older
+ONNX Runtime builds on devices) does the deprecated TorchScript exporter run. Either output is
+re-checked with onnx.checker / shape inference and against PyTorch in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -188,6 +189,9 @@ def _quiet_exporter() -> Iterator[None]:
                 lg.setLevel(level)
 
 
+DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter's lowest opset
+
+
 def export_onnx(
     module: nn.Module,
     example: torch.Tensor,
@@ -196,34 +200,60 @@ def export_onnx(
     output_name: str,
     opset: int | None = None,
 ) -> None:
-    """Export `module` (one tensor in, one out) with a dynamic batch dimension, then check it."""
+    """Export `module` (one tensor in, one out) with a dynamic batch dimension, then check it.
+
+    The default and any opset >= 18 go through the torch.export-based exporter; an older opset
+    (for older ONNX Runtime builds on devices) through the TorchScript exporter, which still
+    supports it. Either way the result must pass onnx.checker and strict shape inference.
+    """
     import onnx
 
     module = module.eval()
-    batch = torch.export.Dim("batch", min=1)
-    kwargs: dict[str, Any] = {} if opset is None else {"opset_version": int(opset)}
+    if opset is not None and int(opset) < 7:
+        raise ExportError(f"--opset {opset}: ONNX Runtime needs opset 7 or newer")
     try:
         with _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(
-                module,
-                (example,),
-                None,
-                input_names=[input_name],
-                output_names=[output_name],
-                dynamic_shapes=({0: batch},),
-                dynamo=True,
-                verbose=False,
-                **kwargs,
-            )
-    except Exception as exc:  # the exporter raises many types; report them uniformly
-        raise ExportError(f"ONNX export of {type(module).__name__} failed: {exc}") from exc
-    model = program.model_proto
+            if opset is None or int(opset) >= DYNAMO_MIN_OPSET:
+                kwargs: dict[str, Any] = {} if opset is None else {"opset_version": int(opset)}
+                program = torch.onnx.export(
+                    module,
+                    (example,),
+                    None,
+                    input_names=[input_name],
+                    output_names=[output_name],
+                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                    dynamo=True,
+                    verbose=False,
+                    **kwargs,
+                )
+                model = program.model_proto
+            else:
+                buffer = io.BytesIO()
+                torch.onnx.export(
+                    module,
+                    (example,),
+                    buffer,
+                    input_names=[input_name],
+                    output_names=[output_name],
+                    dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                    opset_version=int(opset),
+                    dynamo=False,
+                )
+                model = onnx.load_from_string(buffer.getvalue())
+    except Exception as exc:  # the exporters raise many types; report them uniformly
+        raise ExportError(f"ONNX export of {type(module).__name__} (opset {opset or 'default'}) failed: {exc}") from exc
+    if opset is not None and _default_opset(model) != int(opset):
+        raise ExportError(f"--opset {opset}: the exporter produced opset {_default_opset(model)} instead")
     try:
         onnx.checker.check_model(model, full_check=True)
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
         raise ExportError(f"exported {type(module).__name__} fails onnx.checker / shape inference: {exc}") from exc
     onnx.save(model, str(path))
+
+
+def _default_opset(model: Any) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def onnx_session(path: str | Path, threads: int = 1):

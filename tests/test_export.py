@@ -212,3 +212,16 @@ def test_cli_export_verify_plan_from_a_trained_checkpoint(tmp_path: Path, capsys
     assert main(["export", "--students", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 2
     assert "missing.pt" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_requested_opset_is_honoured(tmp_path: Path, data) -> None:
+    import onnx
+
+    (train_x, _), (test_x, _) = data
+    bundle = export_bundle(make_ensemble(), tmp_path / "b", dataset_meta=meta(train_x), parity_images=test_x[:8], opset=17)
+    for entry in [*bundle.students, bundle.head]:
+        model = onnx.load(str(bundle.path_of(entry)))
+        assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+        assert entry.parity_max_abs_diff < PARITY_TOLERANCE
+    with pytest.raises(ExportError, match="--opset 6: ONNX Runtime needs opset 7"):
+        export_bundle(make_ensemble(), tmp_path / "c", dataset_meta=meta(train_x), parity_images=test_x[:8], opset=6)

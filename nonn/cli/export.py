@@ -125,7 +125,10 @@ def _plan(args: argparse.Namespace) -> int:
     devices = parse_device_list(args.devices, profiles)
     aggregator = None
     if args.aggregator is not None:
-        (aggregator,) = parse_device_list(args.aggregator, profiles)
+        named = parse_device_list(args.aggregator, profiles)
+        if len(named) != 1:
+            raise ValueError(f"--aggregator {args.aggregator!r}: expected one device profile name, got {len(named)} devices")
+        aggregator = named[0]
     result = plan(Bundle.load(args.bundle), devices, aggregator=aggregator)
     print(format_plan(result))
     if args.json_out:
