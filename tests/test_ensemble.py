@@ -122,3 +122,26 @@ def test_group_size_mismatch_is_rejected():
     student = Student(StudentSpec({"name": "cnn-small", "num_classes": 2, "in_channels": 1, "kwargs": {"width": 4}}, 3, (2, 2)))
     with pytest.raises(ValueError, match="group has 2 filters"):
         StudentEnsemble([student], [[0, 1]], 2)
+
+
+def test_evaluation_with_missing_students_matches_masked_forward():
+    from nonn.students.evaluate import evaluate_ensemble
+
+    groups = [[0, 1], [2], [3, 4], [5]]
+    ens = tiny_ensemble(groups)
+    torch.manual_seed(1)
+    batches = [(torch.rand(6, 1, 8, 8), torch.randint(0, 5, (6,))) for _ in range(3)]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    report = evaluate_ensemble(ens, batches)
+
+    def acc(present):
+        with torch.no_grad():
+            return (ens.forward_with_mask(x, torch.tensor(present)).argmax(1) == y).float().mean().item()
+
+    assert report.num_images == 18 and report.num_students == 4
+    assert report.accuracy == pytest.approx(acc([True] * 4))
+    assert report.missing_one["student_2"] == pytest.approx(acc([True, True, False, True]))
+    assert len(report.missing_two) == 6  # every pair for K >= 4
+    assert report.missing_two["student_0+student_3"] == pytest.approx(acc([False, True, True, False]))
+    assert report.to_dict()["worst_missing_one"] == min(report.missing_one.values())
