@@ -53,6 +53,6 @@ def load_checkpoint(path: str | os.PathLike[str], expected_format: str, map_loca
         raise ArtifactError(f"{path}: expected a {expected_format} checkpoint (a dict), got {type(obj).__name__}")
     found = obj.get("format")
     if found != expected_format:
-        hint = " (a plain state_dict?)" if found is None else ""
+        hint = " (a plain state_dict? load it into its model with a factory, e.g. --teacher-factory)" if found is None else ""
         raise ArtifactError(f"{path}: format is {found!r}{hint}, expected {expected_format!r}")
     return obj
