@@ -23,8 +23,8 @@ def _save(nodes, name, inputs, outputs, initializers, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _student(path: Path, weight: np.ndarray) -> None:
-    """image (N, 1, 4, 4) -> flatten -> matmul -> relu -> (N, F)."""
+def _student(path: Path, weight: np.ndarray, input_shape=INPUT_SHAPE) -> None:
+    """image (N, C, H, W) -> flatten -> matmul -> relu -> (N, F)."""
     features = weight.shape[1]
     _save(
         [
@@ -33,7 +33,7 @@ def _student(path: Path, weight: np.ndarray) -> None:
             helper.make_node("Relu", ["pre"], ["features"]),
         ],
         "student",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *INPUT_SHAPE])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *input_shape])],
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", features])],
         [numpy_helper.from_array(weight, "w")],
         path,
@@ -51,22 +51,23 @@ def _head(path: Path, weight: np.ndarray, bias: np.ndarray) -> None:
     )
 
 
-def make_bundle(root: Path, feature_sizes=(3, 2, 3), classes: int = 3, seed: int = 0) -> Bundle:
+def make_bundle(root: Path, feature_sizes=(3, 2, 3), classes: int = 3, seed: int = 0, input_shape=INPUT_SHAPE,
+                mean: float = 0.5, std: float = 0.25) -> Bundle:
     """A valid nonn.bundle/1 directory with len(feature_sizes) tiny students and a linear head."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    flat = int(np.prod(INPUT_SHAPE))
+    flat = int(np.prod(input_shape))
     students = []
     start = 0
     for k, f in enumerate(feature_sizes):
         path = root / f"student_{k}.onnx"
-        _student(path, rng.normal(size=(flat, f)).astype(np.float32))
+        _student(path, rng.normal(size=(flat, f)).astype(np.float32), input_shape)
         students.append(
             StudentEntry(
                 name=f"student_{k}",
                 file=path.name,
                 sha256=sha256_file(path),
-                input=BundleTensor("input", [-1, *INPUT_SHAPE]),
+                input=BundleTensor("input", [-1, *input_shape]),
                 output=BundleTensor("features", [-1, f]),
                 params=flat * f,
                 flops=2 * flat * f,
@@ -93,13 +94,14 @@ def make_bundle(root: Path, feature_sizes=(3, 2, 3), classes: int = 3, seed: int
         arch={"name": "tiny-teacher"},
         params=50_000,
         flops=2_000_000,
-        input_shape=list(INPUT_SHAPE),
-        layers=[LayerSummary("conv1", [8, 4, 4], 1_000_000, 20_000), LayerSummary("conv2", [8, 4, 4], 1_000_000, 30_000)],
+        input_shape=list(input_shape),
+        layers=[LayerSummary("conv1", [8, *input_shape[1:]], 1_000_000, 20_000),
+                LayerSummary("conv2", [8, *input_shape[1:]], 1_000_000, 30_000)],
     )
     bundle = Bundle(
         students=students,
         head=head,
-        preprocessing=Preprocessing(mean=[0.5], std=[0.25], input_shape=list(INPUT_SHAPE)),
+        preprocessing=Preprocessing(mean=[mean], std=[std], input_shape=list(input_shape)),
         class_names=[f"class{i}" for i in range(classes)],
         teacher=teacher,
         triton_repository_dir=None,

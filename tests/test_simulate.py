@@ -251,3 +251,33 @@ def test_cli_simulate_rejects_bad_arguments(cli_inputs, capsys, extra, message):
     assert code == 2
     assert message in capsys.readouterr().err
     _assert_no_children()
+
+
+def test_cli_simulate_runs_the_teacher_for_agreement(tmp_path, capsys):
+    """--teacher: the teacher's predictions on the streamed images, normalised as it was trained."""
+    torch = pytest.importorskip("torch")
+    from students_testing import make_npz, make_teacher
+
+    from nonn.cli import main
+    from nonn.students.data import load_dataset
+    from nonn.students.teacher import load_teacher
+
+    data = make_npz(tmp_path / "bars.npz", n_train=48, n_test=24)
+    teacher_path = make_teacher(tmp_path / "teacher.pt", data, steps=10)
+    make_bundle(tmp_path / "bundle", feature_sizes=(2, 2), input_shape=(1, 8, 8))
+    (tmp_path / "profiles.json").write_text(json.dumps(TINY_PROFILES))
+    code = main([
+        "simulate", "--bundle", str(tmp_path / "bundle"), "--devices", "tiny", "--profiles", str(tmp_path / "profiles.json"),
+        "--dataset", str(data), "--requests", "0", "--network", "none", "--no-progress",
+        "--teacher", str(teacher_path), "--json", str(tmp_path / "sim.json"),
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "sim.json").read_text())
+    ds = load_dataset(str(data))
+    teacher = load_teacher(teacher_path)
+    with torch.no_grad():
+        expected = teacher.model(torch.from_numpy(ds.normalize(ds.test_x))).argmax(1).numpy()
+    assert report["requests"] == 24  # --requests 0: every test image once
+    assert report["teacher_accuracy"] == pytest.approx(float((expected == ds.test_y).mean()), abs=1e-6)
+    assert report["teacher_agreement"] is not None
+    _assert_no_children()
