@@ -61,7 +61,7 @@ class Setting:
     partition_images: int
 
 
-QUICK = Setting("wrn-16-2", 3, 12000, 4, 12000, None, 128, 0.05, 3000)
+QUICK = Setting("wrn-16-2", 3, 12000, 3, 12000, None, 128, 0.05, 3000)
 FULL = Setting("wrn-16-4", 40, None, 60, None, None, 128, 0.05, 6000)
 
 
