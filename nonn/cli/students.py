@@ -164,10 +164,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from nonn.artifacts import atomic_write_json
     from nonn.students.evaluate import evaluate_students
 
-    if args.dataset is None:
-        from nonn.students.train import load_students
-
-        args.dataset = load_students(args.students).meta["dataset"]["name"]
     report = evaluate_students(
         args.students,
         args.dataset,
