@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,7 +86,7 @@ class Device:
     last_rss_mb: float = 0.0
     rss_samples: int = 0
     log_path: Path | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)  # "t": seconds since the fleet started
 
     @property
     def alive(self) -> bool:
@@ -193,11 +194,18 @@ class LocalFleet:
             self.start()
         except BaseException:
             self.stop()
+            if self._own_log_dir:
+                log.warning("device server logs kept in %s", self.log_dir)
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.stop()
+        if self._own_log_dir:
+            if exc_type is None:
+                shutil.rmtree(self.log_dir, ignore_errors=True)
+            else:
+                log.warning("device server logs kept in %s", self.log_dir)
 
     def start(self) -> None:
         """Set up the network, start every server, wait until all report SERVING."""

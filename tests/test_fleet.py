@@ -247,13 +247,13 @@ def test_devices_die_with_a_killed_launcher(tmp_path):
         "sys.path.insert(0, sys.argv[2])\n"
         "from fleet_testing import tiny_profile\n"
         "from nonn.devices.fleet import LocalFleet\n"
-        "fleet = LocalFleet(sys.argv[1], [tiny_profile()] * 2)\n"
+        "fleet = LocalFleet(sys.argv[1], [tiny_profile()] * 2, log_dir=sys.argv[3])\n"
         "fleet.start()\n"
         "print(*fleet.pids(), flush=True)\n"
         "time.sleep(60)\n"
     )
     tests_dir = str(Path(__file__).parent)
-    launcher = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "bundle"), tests_dir], stdout=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "bundle"), tests_dir, str(tmp_path / "logs")], stdout=subprocess.PIPE, text=True)
     pids: list[int] = []
     try:
         pids = [int(p) for p in launcher.stdout.readline().split()]

@@ -134,7 +134,7 @@ def test_kill_and_restart_gives_degraded_answers_and_loses_nothing(bundle, data)
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-def test_every_process_is_stopped_when_the_run_fails(bundle, data, error):
+def test_every_process_is_stopped_when_the_run_fails(bundle, data, error, tmp_path):
     x, y = data
     seen: list[int] = []
 
@@ -151,6 +151,7 @@ def test_every_process_is_stopped_when_the_run_fails(bundle, data, error):
             y,
             config=SimulationConfig(requests=50, concurrency=1, network="delay", progress=False),
             on_progress=explode,
+            log_dir=tmp_path / "logs",
         )
     assert len(seen) == 3
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in seen)
@@ -162,8 +163,8 @@ def test_a_device_that_cannot_start_is_reported_and_the_others_are_stopped(bundl
     shutil.copytree(bundle.root, broken)
     (broken / "student_2.onnx").write_bytes(b"tampered")  # the server refuses a sha256 mismatch
     profiles = [tiny_profile()] * 3
-    with pytest.raises(FleetError, match=r"device 2 \(student_2\) exited"):
-        with LocalFleet(broken, profiles, NetworkEmulation([LinkModel()] * 3), startup_timeout_s=30):
+    with pytest.raises(FleetError, match=r"device 2 \(student_2\) exited[^\n]*\n(.|\n)*sha256"):
+        with LocalFleet(broken, profiles, NetworkEmulation([LinkModel()] * 3), startup_timeout_s=30, log_dir=tmp_path / "logs"):
             pass
     _assert_no_children()
 

@@ -109,6 +109,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--deadline", type=_positive_float, default=1.0,
                      help="seconds a device has to answer, retries included (default: 1.0)")
     run.add_argument("--retries", type=_non_negative_int, default=2, help="extra attempts on UNAVAILABLE (default: 2)")
+    run.add_argument("--strict", action="store_true",
+                     help="a request fails (is lost) when any device misses it, instead of a degraded answer")
     run.add_argument("--network", choices=("auto", "netns", "delay", "none"), default="auto",
                      help="network emulation (default: auto; see below)")
     run.add_argument("--startup-timeout", type=_positive_float, default=60.0,
@@ -208,6 +210,7 @@ def _simulate(args: argparse.Namespace) -> int:
         recovery_s=args.recovery,
         deadline_s=args.deadline,
         retries=args.retries,
+        strict=args.strict,
         network=args.network,
         faults=faults,
         startup_timeout_s=args.startup_timeout,
