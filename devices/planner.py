@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from nonn.devices.profiles import DeviceProfile, load_profiles
-from nonn.runtime.bundle import Bundle, ModelEntry, TeacherSummary
+from nonn.runtime.bundle import Bundle, TeacherSummary
 
 __all__ = [
     "RUNTIME_FOOTPRINT_MB",
@@ -278,7 +278,10 @@ def _device_names(devices: Sequence[DeviceProfile]) -> list[str]:
     return names
 
 
-def _assign(bundle: Bundle, devices: Sequence[DeviceProfile], names: list[str], memory: list[float], times: list[list[float]]) -> list[int]:
+def _assign(
+    bundle: Bundle, devices: Sequence[DeviceProfile], names: list[str], memory: list[float], times: list[list[float]], runtime_mb: float
+) -> list[int]:
+    """Student k -> device index: every student fits its device, the slowest device is as fast as possible."""
     K, D = bundle.num_students, len(devices)
     students = [s.name for s in bundle.students]
     if D < K:
@@ -291,7 +294,7 @@ def _assign(bundle: Bundle, devices: Sequence[DeviceProfile], names: list[str], 
         if not fits[s]:
             best = max(range(D), key=lambda d: devices[d].available_mb)
             raise PlanError(
-                f"{students[s]} needs {memory[s]:.1f} MB (runtime {RUNTIME_FOOTPRINT_MB:.0f} MB + model and activations) but the "
+                f"{students[s]} needs {memory[s]:.1f} MB (runtime {runtime_mb:.0f} MB + model and activations) but the "
                 f"largest device, {names[best]}, has {devices[best].available_mb:.0f} MB available "
                 f"({devices[best].memory_mb:.0f} MB - {devices[best].reserved_mb:.0f} MB reserved): short by "
                 f"{memory[s] - devices[best].available_mb:.1f} MB"
@@ -454,7 +457,7 @@ def plan(
     compute = [[_compute_s(s.flops, p) for p in devices] for s in students]
     transfer = [[_transfer_s(request[k] + response[k], p) for p in devices] for k in range(len(students))]
     times = [[compute[k][d] + transfer[k][d] for d in range(len(devices))] for k in range(len(students))]
-    placed = _assign(bundle, devices, names, memory, times)
+    placed = _assign(bundle, devices, names, memory, times, runtime_mb)
 
     agg = aggregator or devices[0]
     head_s = _compute_s(bundle.head.flops, agg)

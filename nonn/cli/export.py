@@ -48,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pl.add_argument("--devices", required=True, help="device list, e.g. rpi3b+:4 or rpi4b,jetson-nano (names from the profiles)")
     pl.add_argument("--profiles", default=None, help="JSON file of extra or overriding device profiles")
     pl.add_argument("--aggregator", default=None, help="profile of the node that runs the head (default: the first device's kind)")
+    pl.add_argument(
+        "--runtime-mb",
+        type=float,
+        default=None,
+        help="memory of the serving runtime itself, MB (default: the measured resident size of `nonn serve`, 82 MB)",
+    )
     pl.add_argument("--json", dest="json_out", default=None, help="also write the plan as JSON here")
     pl.set_defaults(func=_plan)
 
@@ -117,7 +123,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from nonn.artifacts import atomic_write_json
-    from nonn.devices.planner import format_plan, plan
+    from nonn.devices.planner import RUNTIME_FOOTPRINT_MB, format_plan, plan
     from nonn.devices.profiles import load_profiles, parse_device_list
     from nonn.runtime.bundle import Bundle
 
@@ -129,7 +135,10 @@ def _plan(args: argparse.Namespace) -> int:
         if len(named) != 1:
             raise ValueError(f"--aggregator {args.aggregator!r}: expected one device profile name, got {len(named)} devices")
         aggregator = named[0]
-    result = plan(Bundle.load(args.bundle), devices, aggregator=aggregator)
+    runtime_mb = RUNTIME_FOOTPRINT_MB if args.runtime_mb is None else args.runtime_mb
+    if runtime_mb < 0:
+        raise ValueError(f"--runtime-mb must be >= 0, got {runtime_mb}")
+    result = plan(Bundle.load(args.bundle), devices, aggregator=aggregator, runtime_mb=runtime_mb)
     print(format_plan(result))
     if args.json_out:
         atomic_write_json(args.json_out, result.to_dict())
