@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from nonn.cli import CLIError
 from nonn.cli.common import add_data_args, add_seed_arg
@@ -130,47 +130,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_simulate)
 
 
-def _profiles_for(args: argparse.Namespace, num_students: int) -> list[Any]:
+def resolve_devices(devices: str, num_students: int, profiles_file: str | None = None) -> list[Any]:
+    """One DeviceProfile per student from a device list ("rpi3b+:4"); a bare single name is repeated."""
     from nonn.devices.profiles import load_profiles, parse_device_list
 
-    catalogue = load_profiles(args.profiles) if args.profiles else None
-    devices = parse_device_list(args.devices, catalogue)
-    if len(devices) == 1 and num_students > 1 and ":" not in args.devices:
-        devices = devices * num_students
-    if len(devices) != num_students:
+    catalogue = load_profiles(profiles_file) if profiles_file else None
+    resolved = parse_device_list(devices, catalogue)
+    if len(resolved) == 1 and num_students > 1 and ":" not in devices:
+        resolved = resolved * num_students
+    if len(resolved) != num_students:
         raise CLIError(
-            f"--devices {args.devices!r} gives {len(devices)} device(s) for a bundle with {num_students} students; "
-            f"give one per student, e.g. {devices[0].name}:{num_students}"
+            f"--devices {devices!r} gives {len(resolved)} device(s) for a bundle with {num_students} students; "
+            f"give one per student, e.g. {resolved[0].name}:{num_students}"
         )
-    return devices
+    return resolved
 
 
-def _teacher_predictions(args: argparse.Namespace, images: Any, dataset: Any) -> Any:
-    """The teacher's classes for the streamed images, from a file or by running the teacher."""
+def load_teacher_predictions(path: str | Path, num_images: int) -> Any:
+    """A .npy of the teacher's classes (N,) or logits (N, classes) for the streamed images."""
     import numpy as np
 
-    if args.teacher_predictions and (args.teacher or args.teacher_factory):
-        raise CLIError("give either --teacher-predictions or --teacher/--teacher-factory, not both")
-    if args.weights and not args.teacher_factory:
-        raise CLIError("--weights goes with --teacher-factory; --teacher already holds the weights")
-    if args.teacher_predictions:
-        path = Path(args.teacher_predictions)
-        if not path.is_file():
-            raise FileNotFoundError(f"--teacher-predictions {path}: file not found")
-        preds = np.load(path, allow_pickle=False)
-        if preds.ndim not in (1, 2) or preds.shape[0] != images.shape[0]:
-            raise CLIError(
-                f"--teacher-predictions {path}: shape {list(preds.shape)}, expected ({images.shape[0]},) classes "
-                f"or ({images.shape[0]}, classes) logits for the {args.split} split"
-            )
-        return preds
-    if not (args.teacher or args.teacher_factory):
-        return None
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--teacher-predictions {path}: file not found")
+    preds = np.load(path, allow_pickle=False)
+    if preds.ndim not in (1, 2) or preds.shape[0] != num_images:
+        raise CLIError(
+            f"--teacher-predictions {path}: shape {list(preds.shape)}, expected ({num_images},) classes "
+            f"or ({num_images}, classes) logits for the streamed split"
+        )
+    return preds
+
+
+def run_teacher(teacher: str | None, images: Any, dataset: Any, factory: str | None = None, weights: str | None = None) -> Any:
+    """The teacher's classes for `images` (raw, in [0, 1]), normalised as the teacher was trained."""
+    import numpy as np
     import torch
 
     from nonn.students.teacher import load_teacher
 
-    loaded = load_teacher(args.teacher, factory=args.teacher_factory, weights=args.weights)
+    loaded = load_teacher(teacher, factory=factory, weights=weights)
     meta = loaded.dataset or {}
     mean = np.asarray(meta.get("mean", dataset.mean), dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(meta.get("std", dataset.std), dtype=np.float32).reshape(1, -1, 1, 1)
@@ -183,24 +182,84 @@ def _teacher_predictions(args: argparse.Namespace, images: Any, dataset: Any) ->
     return np.concatenate(out)
 
 
-def _simulate(args: argparse.Namespace) -> int:
+def run_simulation(
+    bundle: str | Path,
+    devices: str,
+    dataset: str,
+    *,
+    data_dir: str | None = None,
+    split: str = "test",
+    config: Any = None,
+    kills: Sequence[str] = (),
+    profiles_file: str | None = None,
+    teacher_predictions: str | Path | None = None,
+    teacher: str | None = None,
+    teacher_factory: str | None = None,
+    weights: str | None = None,
+    json_path: str | Path | None = None,
+    report_path: str | Path | None = None,
+    log_dir: str | None = None,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """`nonn simulate` as a function: load the bundle, devices and data, run, write the reports.
+
+    `config` is a SimulationConfig (its `faults` are replaced by the parsed `kills`). Returns the
+    JSON report; prints the table when `echo`.
+    """
+    from dataclasses import replace
+
     from nonn.devices.report import build_report, format_table, write_html, write_json
     from nonn.devices.simulate import SimulationConfig, parse_faults, simulate
     from nonn.runtime.bundle import Bundle
     from nonn.students.data import load_dataset
 
-    bundle = Bundle.load(args.bundle)
-    profiles = _profiles_for(args, bundle.num_students)
-    faults = parse_faults(args.kill, bundle.num_students)
-    dataset = load_dataset(args.dataset, args.data_dir)
-    images = dataset.test_x if args.split == "test" else dataset.train_x
-    labels = dataset.test_y if args.split == "test" else dataset.train_y
-    if list(dataset.input_shape) != list(bundle.preprocessing.input_shape):
+    if teacher_predictions and (teacher or teacher_factory):
+        raise CLIError("give either --teacher-predictions or --teacher/--teacher-factory, not both")
+    if weights and not teacher_factory:
+        raise CLIError("--weights goes with --teacher-factory; --teacher already holds the weights")
+    if split not in ("test", "train"):
+        raise CLIError(f"--split {split!r}: expected test or train")
+    loaded = Bundle.load(bundle)
+    profiles = resolve_devices(devices, loaded.num_students, profiles_file)
+    config = replace(config or SimulationConfig(), faults=parse_faults(list(kills), loaded.num_students))
+    data = load_dataset(dataset, data_dir)
+    images = data.test_x if split == "test" else data.train_x
+    labels = data.test_y if split == "test" else data.train_y
+    if list(data.input_shape) != list(loaded.preprocessing.input_shape):
         raise CLIError(
-            f"--dataset {args.dataset}: images are {list(dataset.input_shape)}, the bundle's students take "
-            f"{list(bundle.preprocessing.input_shape)}"
+            f"--dataset {dataset}: images are {list(data.input_shape)}, the bundle's students take "
+            f"{list(loaded.preprocessing.input_shape)}"
         )
-    teacher = _teacher_predictions(args, images, dataset)
+    if teacher_predictions:
+        teacher_classes = load_teacher_predictions(teacher_predictions, len(images))
+    elif teacher or teacher_factory:
+        teacher_classes = run_teacher(teacher, images, data, teacher_factory, weights)
+    else:
+        teacher_classes = None
+    if echo:
+        print(
+            f"nonn simulate: {loaded.num_students} devices ({devices}), {dataset} {split} split, "
+            f"{len(images)} images; starting the fleet...",
+            file=sys.stderr,
+        )
+    result = simulate(loaded.root, profiles, images, labels, teacher_classes, config, log_dir=log_dir)
+    report = build_report(result, dataset=dataset)
+    if echo:
+        print(format_table(report))
+    if json_path:
+        write_json(report, json_path)
+        if echo:
+            print(f"JSON report: {json_path}")
+    if report_path:
+        write_html(report, report_path)
+        if echo:
+            print(f"HTML report: {report_path}")
+    return report
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from nonn.devices.simulate import SimulationConfig
+
     config = SimulationConfig(
         requests=args.requests,
         concurrency=args.concurrency,
@@ -212,23 +271,25 @@ def _simulate(args: argparse.Namespace) -> int:
         retries=args.retries,
         strict=args.strict,
         network=args.network,
-        faults=faults,
         startup_timeout_s=args.startup_timeout,
         seed=args.seed,
         progress=not args.no_progress,
     )
-    print(
-        f"nonn simulate: {bundle.num_students} devices ({args.devices}), {args.dataset} {args.split} split, "
-        f"{len(images)} images; starting the fleet...",
-        file=sys.stderr,
+    run_simulation(
+        args.bundle,
+        args.devices,
+        args.dataset,
+        data_dir=args.data_dir,
+        split=args.split,
+        config=config,
+        kills=args.kill,
+        profiles_file=args.profiles,
+        teacher_predictions=args.teacher_predictions,
+        teacher=args.teacher,
+        teacher_factory=args.teacher_factory,
+        weights=args.weights,
+        json_path=args.json,
+        report_path=args.report,
+        log_dir=args.log_dir,
     )
-    result = simulate(bundle.root, profiles, images, labels, teacher, config, log_dir=args.log_dir)
-    report = build_report(result, dataset=args.dataset)
-    print(format_table(report))
-    if args.json:
-        write_json(report, args.json)
-        print(f"JSON report: {args.json}")
-    if args.report:
-        write_html(report, args.report)
-        print(f"HTML report: {args.report}")
     return 0
