@@ -20,6 +20,7 @@ re-checked with onnx.checker / shape inference and against PyTorch in ONNX Runti
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -431,6 +432,10 @@ def export_bundle(
         raise ExportError(f"quantize must be None or 'int8', got {quantize!r}")
     if quantize == "int8" and (calibration_images is None or len(calibration_images) == 0):
         raise ExportError("--quantize int8 needs calibration images (training images)")
+    _check_ensemble(ensemble)
+    # Export and compare on the CPU, in float32: ONNX Runtime's CPU provider is the reference
+    # deployment, and a GPU's TF32 convolutions would differ from it by more than the tolerance.
+    ensemble = copy.deepcopy(ensemble).cpu().float().eval()
     students, head, groups = _check_ensemble(ensemble)
     pre = _preprocessing(dataset_meta)
     class_names = _class_names(dataset_meta, head.out_features)
@@ -443,9 +448,7 @@ def export_bundle(
 
     if isinstance(teacher, nn.Module):
         teacher = teacher_summary(teacher, pre.input_shape)
-    ensemble.eval()
-    device = next((p.device for p in ensemble.parameters()), torch.device("cpu"))
-    example = torch.from_numpy(parity_x[: min(2, len(parity_x))]).to(device)
+    example = torch.from_numpy(parity_x[: min(2, len(parity_x))])
     steps = len(students) + 1 + (len(students) if quantize else 0) + (1 if eval_data is not None else 0)
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp, tqdm(total=steps, desc="export", disable=not progress, unit="model") as bar:
@@ -486,7 +489,7 @@ def export_bundle(
         head_path = tmp / "head.onnx"
         bar.set_postfix_str("head")
         head_in = np.concatenate(features_parity, axis=1).astype(np.float32)
-        export_onnx(head, torch.from_numpy(head_in[:2]).to(device), head_path, HEAD_INPUT, HEAD_OUTPUT, opset)
+        export_onnx(head, torch.from_numpy(head_in[:2]), head_path, HEAD_INPUT, HEAD_OUTPUT, opset)
         head_diff = max_abs_diff(head, head_path, head_in)
         if not head_diff < tolerance:
             raise ExportError(f"head: ONNX Runtime differs from PyTorch by {head_diff:.3g} (max abs); tolerance {tolerance:g}")
@@ -660,7 +663,7 @@ def export_from_checkpoint(
     else:
         log.warning("%s: no teacher architecture recorded; the bundle has no teacher summary (nonn plan cannot compare)", path)
     return export_bundle(
-        loaded.ensemble.cpu(),
+        loaded.ensemble,
         out_dir,
         dataset_meta=dataset_meta,
         calibration_images=calib,
