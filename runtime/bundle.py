@@ -9,6 +9,25 @@ A bundle is a directory written by `nonn export`:
                            the students as a Triton-style model repository, so any Open
                            Inference Protocol server can host them as well as `nonn serve`
 
+manifest.json fields (unknown extra fields are ignored, so later versions can add some):
+
+    format            "nonn.bundle/1"
+    students[]        name ("student_k", the name it is served under), file, sha256, size_bytes,
+                      input/output {name, shape (-1 = batch), datatype (KServe: "FP32")},
+                      feature_size, group (teacher filter indices), index, params, flops,
+                      activation_bytes, precision ("fp32" | "int8"), parity_max_abs_diff, arch
+    head              the same model fields: features (N, sum F_k) -> logits (N, classes)
+    preprocessing     mean, std (per channel), input_shape (C, H, W), layout "NCHW",
+                      pixel_scale (raw uint8 -> [0, 1])
+    class_names       one per logit
+    teacher           arch, params, flops, input_shape, fingerprint, feature_layer,
+                      activation_bytes, layers[] {name, input_shape, output_shape, flops, params}
+                      for every convolution and linear layer (the model-parallel comparison)
+    dataset, partition, quantization, metrics, created, nonn_version   (informational)
+    triton_repository "triton" (relative directory) or null
+
+FLOPs count 2 per multiply-accumulate of convolutions and linear layers (plus bias adds).
+
 Everything here is numpy/standard library (onnxruntime only inside `verify_bundle`'s shape
 check), because devices load bundles without torch. Loading validates the schema and raises
 ArtifactError naming the file and the offending field; `verify_bundle` additionally re-hashes
