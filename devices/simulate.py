@@ -151,7 +151,7 @@ class SimulationResult:
     contributed: np.ndarray  # (R, K) bool, which devices' features reached the head
     bytes_sent: np.ndarray  # (R, K) request bytes per device
     bytes_received: np.ndarray  # (R, K) response bytes per device
-    image_index: np.ndarray  # (R, B) which images each request carried (-1: padding never used)
+    image_index: np.ndarray  # (R, B) which images each request carried (cycling over the N images)
     predictions: np.ndarray  # (R, B) predicted class, -1 for lost requests
     labels: np.ndarray  # (N,) ground truth of the images
     teacher_predictions: np.ndarray | None = None  # (N,) teacher's classes for the images
