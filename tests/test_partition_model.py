@@ -138,12 +138,14 @@ def test_cli_partition_bring_your_own_teacher(tmp_path, byo_factory, capsys):
     common = ["partition", "--teacher-factory", byo_factory, "--weights", str(tmp_path / "w.pt"),
               "--dataset", str(tmp_path / "tiny.npz"), "--device", "cpu", "--no-progress", "-K", "2",
               "--top-k", "4", "--percentile", "50", "--out", str(out)]
-    assert main(common + ["--layer", "4"]) == 0
+    assert main(common + ["--layer", "4", "--activations-out", str(tmp_path / "acts.npy")]) == 0
     part = Partition.load(out)
     assert part.layer == "4" and part.num_filters == 10 and part.teacher["factory"] == byo_factory
     assert len(part.teacher["fingerprint"]) == 64 and part.params["images"] == 48
     fan = np.load(out.parent / "fan.npy")
-    assert fan.shape == (10, 10)
+    acts = np.load(tmp_path / "acts.npy")
+    assert fan.shape == (10, 10) and acts.shape == (48, 10)
+    np.testing.assert_array_equal(fan, build_fan(acts, top_k=4))
     capsys.readouterr()
     # No feature_layer on a plain Sequential: --layer is required, and a wrong one lists names.
     assert main(common) == 2

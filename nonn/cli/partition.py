@@ -84,6 +84,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_seed_arg(part)
     part.add_argument("--out", required=True, help="where to write partition.json")
     part.add_argument("--fan-out", help="where to save the computed FAN (default: fan.npy beside --out)")
+    part.add_argument(
+        "--activations-out",
+        metavar="NPY",
+        help="also save the (images x filters) activations, e.g. to try other --top-k with `nonn fan`",
+    )
     part.add_argument("--plot", metavar="PNG", help="also draw the FAN graph and group sizes to this PNG")
     part.add_argument("--no-progress", action="store_true", help="no progress bar")
     part.set_defaults(func=run_partition)
@@ -161,6 +166,8 @@ def _teacher_fan(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], di
         dataset, split=args.split, batch_size=args.batch_size, train=False, seed=args.seed, limit=args.limit
     )
     activations = collect_activations(loaded.model, layer, loader, device=device, progress=not args.no_progress)
+    if args.activations_out:
+        _save_npy(args.activations_out, activations)
     fan = build_fan(activations, top_k=args.top_k)
     teacher = {
         "source": str(args.teacher or args.weights or args.teacher_factory),
