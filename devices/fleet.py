@@ -190,13 +190,7 @@ class LocalFleet:
     # ---- life cycle
 
     def __enter__(self) -> "LocalFleet":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            if self._own_log_dir:
-                log.warning("device server logs kept in %s", self.log_dir)
-            raise
+        self.start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
@@ -208,7 +202,19 @@ class LocalFleet:
                 log.warning("device server logs kept in %s", self.log_dir)
 
     def start(self) -> None:
-        """Set up the network, start every server, wait until all report SERVING."""
+        """Set up the network, start every server, wait until all report SERVING.
+
+        On any failure every process already started is stopped before the error propagates.
+        """
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            if self._own_log_dir:
+                log.warning("device server logs kept in %s", self.log_dir)
+            raise
+
+    def _start(self) -> None:
         _fleets.add(self)
         self.network.setup()
         self.log_dir.mkdir(parents=True, exist_ok=True)
