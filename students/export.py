@@ -453,7 +453,7 @@ def export_bundle(
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp, tqdm(total=steps, desc="export", disable=not progress, unit="model") as bar:
         entries: list[StudentEntry] = []
-        fp32_files: list[Path] = []
+        model_files: list[Path] = []  # the served files: fp32, replaced by int8 when quantizing
         features_parity: list[np.ndarray] = []
         for k, (student, group) in enumerate(zip(students, groups)):
             name = f"student_{k}"
@@ -482,7 +482,7 @@ def export_bundle(
                     arch=spec.to_dict() if hasattr(spec, "to_dict") else getattr(student, "arch", None),
                 )
             )
-            fp32_files.append(path)
+            model_files.append(path)
             features_parity.append(_run_torch(student, parity_x))
             bar.update()
 
@@ -512,7 +512,7 @@ def export_bundle(
             bar.set_postfix_str("accuracy")
             logits = _run_torch(ensemble, eval_x)
             metrics["torch_accuracy"] = float(np.mean(logits.argmax(axis=1) == eval_y))
-            metrics["onnx_accuracy"] = onnx_accuracy(fp32_files, head_path, eval_x, eval_y)
+            metrics["onnx_accuracy"] = onnx_accuracy(model_files, head_path, eval_x, eval_y)
             metrics["eval_images"] = int(len(eval_x))
             bar.update()
 
@@ -523,8 +523,8 @@ def export_bundle(
             fp32_dir.mkdir()
             int8_feature_diffs = []
             fp32_parity = [e.parity_max_abs_diff for e in entries]
-            fp32_bytes = sum(p.stat().st_size for p in fp32_files)
-            for entry, fp32 in zip(entries, fp32_files):
+            fp32_bytes = sum(p.stat().st_size for p in model_files)
+            for entry, fp32 in zip(entries, model_files):
                 bar.set_postfix_str(f"int8 {entry.name}")
                 kept = fp32_dir / fp32.name
                 shutil.move(str(fp32), kept)
@@ -540,14 +540,14 @@ def export_bundle(
                 "method": "onnxruntime static quantization, QDQ, per-channel symmetric int8 weights, int8 activations, MinMax calibration",
                 "calibration_images": int(len(calib_x)),
                 "fp32_bytes": int(fp32_bytes),
-                "int8_bytes": int(sum(p.stat().st_size for p in fp32_files)),
+                "int8_bytes": int(sum(p.stat().st_size for p in model_files)),
                 "max_abs_feature_diff": int8_feature_diffs,
                 "fp32_parity_max_abs_diff": fp32_parity,
                 "fp32_models": "fp32/",
             }
             if eval_x is not None:
                 quantization["fp32_accuracy"] = metrics["onnx_accuracy"]
-                quantization["int8_accuracy"] = onnx_accuracy(fp32_files, head_path, eval_x, eval_y)
+                quantization["int8_accuracy"] = onnx_accuracy(model_files, head_path, eval_x, eval_y)
                 quantization["eval_images"] = int(len(eval_x))
 
         for entry in [*entries, head_entry]:
