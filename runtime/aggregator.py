@@ -480,25 +480,30 @@ class Aggregator:
 class AggregatorBackend(ModelBackend):
     """The whole ensemble as one served model: image in, logits out, on the same protocol.
 
-    Response parameters say which devices contributed ("contributed": "1,1,0,1", "degraded").
+    Handler threads hand requests to the aggregator's event loop thread, so up to `concurrency`
+    requests fan out at once. Response parameters say which devices contributed
+    ("contributed": "1,1,0,1", "degraded": true/false).
     """
 
     platform = "nonn_ensemble"
 
-    def __init__(self, aggregator: Aggregator, name: str = "ensemble") -> None:
+    def __init__(self, aggregator: Aggregator, name: str = "ensemble", concurrency: int = 32) -> None:
         if not name:
             raise ValueError("a served model needs a non-empty name")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.aggregator = aggregator
         self.name = name
         self.inputs = [aggregator.input_spec]
         out = aggregator.head_output
-        classes = aggregator.head_output.shape[-1]
-        self.outputs = [TensorSpec(out.name, out.datatype, (-1, classes))]
+        self.outputs = [TensorSpec(out.name, out.datatype, (-1, out.shape[-1]))]
         self.max_batch = aggregator.max_batch
+        self.concurrency = concurrency
+        aggregator.__enter__()  # channels live on the aggregator's own loop thread
 
-    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> InferOutput:
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> InferOutput:
         try:
-            result = await self.aggregator.infer(inputs[self.inputs[0].name])
+            result = self.aggregator.infer_sync(inputs[self.inputs[0].name])
         except AggregationError as exc:
             raise BackendUnavailable(str(exc)) from exc
         return InferOutput(
@@ -509,5 +514,5 @@ class AggregatorBackend(ModelBackend):
             },
         )
 
-    async def close(self) -> None:
-        await self.aggregator.close()
+    def close(self) -> None:
+        self.aggregator.close_sync()

@@ -8,16 +8,17 @@ Every ModelInfer request is validated (model name, input names, datatypes, ranks
 lengths, batch limit) before it reaches the model; a bad request gets NOT_FOUND or
 INVALID_ARGUMENT with a message naming the problem, and the server keeps serving. Health turns
 SERVING only after the model is loaded and the port is bound; SIGTERM stops accepting new calls,
-lets in-flight ones finish, then exits.
+lets in-flight ones finish, then exits. Handlers run on a thread pool (ONNX Runtime releases the
+GIL while it computes), which costs less per call than an asyncio server.
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
 import logging
 import os
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,6 @@ from tritonclient.grpc import service_pb2_grpc
 
 from nonn import __version__
 from nonn.artifacts import ArtifactError, atomic_write_json
-from nonn.runtime.aioloop import LoopThread
 from nonn.runtime.codec import (
     TensorError,
     TensorSpec,
@@ -68,6 +68,8 @@ DEFAULT_MAX_BATCH = 64
 _MESSAGE_SLACK = 1 << 20
 # Used when a model has dynamic non-batch dimensions, so no exact bound can be derived.
 _FALLBACK_MESSAGE_BYTES = 64 << 20
+# Handler threads beyond the backends' concurrency, for health, metadata and queued requests.
+_SPARE_HANDLERS = 4
 
 
 class BackendUnavailable(RuntimeError):
@@ -83,7 +85,11 @@ class InferOutput:
 
 
 class ModelBackend(abc.ABC):
-    """One model the server hosts: its protocol description and an async infer()."""
+    """One model the server hosts: its protocol description and a thread-safe infer().
+
+    `concurrency` is how many requests the backend runs at once; the server sizes its handler
+    thread pool from it.
+    """
 
     name: str
     version: str = "1"
@@ -91,17 +97,18 @@ class ModelBackend(abc.ABC):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     max_batch: int = DEFAULT_MAX_BATCH
+    concurrency: int = 1
 
     @abc.abstractmethod
-    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> InferOutput:
-        """Run the model on validated inputs; return the requested outputs."""
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> InferOutput:
+        """Run the model on validated inputs; return the requested outputs. Called from handler threads."""
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Release resources (called once after the server stopped)."""
 
 
 class OnnxBackend(ModelBackend):
-    """An OnnxModel served under `name`; ONNX Runtime runs on a small worker pool off the event loop."""
+    """An OnnxModel served under `name`; at most `workers` requests run in ONNX Runtime at once."""
 
     def __init__(self, model: OnnxModel, name: str, max_batch: int = DEFAULT_MAX_BATCH, workers: int = 1) -> None:
         if not name:
@@ -115,15 +122,12 @@ class OnnxBackend(ModelBackend):
         self.inputs = list(model.inputs)
         self.outputs = list(model.outputs)
         self.max_batch = max_batch
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"ort-{name}")
+        self.concurrency = workers
+        self._slots = threading.BoundedSemaphore(workers)
 
-    async def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> InferOutput:
-        loop = asyncio.get_running_loop()
-        arrays = await loop.run_in_executor(self._executor, self.model.run, inputs, outputs)
-        return InferOutput(arrays)
-
-    async def close(self) -> None:
-        self._executor.shutdown(wait=True)
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> InferOutput:
+        with self._slots:
+            return InferOutput(self.model.run(inputs, outputs))
 
 
 def message_limit(backends: Sequence[ModelBackend]) -> int:
@@ -160,29 +164,29 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return None
         return backend
 
-    async def _get(self, name: str, version: str, context: grpc.aio.ServicerContext) -> ModelBackend:
+    def _get(self, name: str, version: str, context: grpc.ServicerContext) -> ModelBackend:
         backend = self._find(name, version)
         if backend is None:
             known = ", ".join(sorted(self.backends)) or "none"
             what = f"model {name!r}" + (f" version {version!r}" if version else "")
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown {what}; this server hosts: {known}")
-        return backend
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown {what}; this server hosts: {known}")
+        return backend  # type: ignore[return-value]
 
     # -- health and metadata ----------------------------------------------------------------
-    async def ServerLive(self, request, context):
+    def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.ready)
 
-    async def ModelReady(self, request, context):
+    def ModelReady(self, request, context):
         return pb.ModelReadyResponse(ready=self.ready and self._find(request.name, request.version) is not None)
 
-    async def ServerMetadata(self, request, context):
+    def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=self.server_name, version=__version__, extensions=[])
 
-    async def ModelMetadata(self, request, context):
-        backend = await self._get(request.name, request.version, context)
+    def ModelMetadata(self, request, context):
+        backend = self._get(request.name, request.version, context)
         return pb.ModelMetadataResponse(
             name=backend.name,
             versions=[backend.version],
@@ -191,38 +195,35 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs=[spec.metadata() for spec in backend.outputs],
         )
 
-    async def ModelConfig(self, request, context):
+    def ModelConfig(self, request, context):
         """A minimal Triton-style model configuration (batch dimension left out of dims)."""
-        backend = await self._get(request.name, request.version, context)
+        backend = self._get(request.name, request.version, context)
         batched = all(spec.batched for spec in backend.inputs + backend.outputs)
+
+        def tensors(kind, specs):
+            return [
+                kind(
+                    name=s.name,
+                    data_type=model_config_pb2.DataType.Value("TYPE_" + s.datatype),
+                    dims=_config_dims(s) if batched else list(s.shape),
+                )
+                for s in specs
+            ]
+
         config = model_config_pb2.ModelConfig(
             name=backend.name,
             platform=backend.platform,
             max_batch_size=backend.max_batch if batched else 0,
-            input=[
-                model_config_pb2.ModelInput(
-                    name=s.name,
-                    data_type=model_config_pb2.DataType.Value("TYPE_" + s.datatype),
-                    dims=_config_dims(s) if batched else list(s.shape),
-                )
-                for s in backend.inputs
-            ],
-            output=[
-                model_config_pb2.ModelOutput(
-                    name=s.name,
-                    data_type=model_config_pb2.DataType.Value("TYPE_" + s.datatype),
-                    dims=_config_dims(s) if batched else list(s.shape),
-                )
-                for s in backend.outputs
-            ],
+            input=tensors(model_config_pb2.ModelInput, backend.inputs),
+            output=tensors(model_config_pb2.ModelOutput, backend.outputs),
         )
         return pb.ModelConfigResponse(config=config)
 
     # -- inference --------------------------------------------------------------------------
-    async def ModelInfer(self, request, context):
-        backend = await self._get(request.model_name, request.model_version, context)
+    def ModelInfer(self, request, context):
+        backend = self._get(request.model_name, request.model_version, context)
         if not self.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"model {backend.name!r} is not ready")
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"model {backend.name!r} is not ready")
         try:
             for key in request.parameters:
                 if key.startswith("shared_memory"):
@@ -233,14 +234,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             inputs = decode_request_inputs(backend.inputs, request, backend.max_batch)
             wanted = requested_outputs(backend.outputs, request)
         except TensorError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            result = await backend.infer(inputs, [spec.name for spec in wanted])
+            result = backend.infer(inputs, [spec.name for spec in wanted])
         except BackendUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except Exception as exc:  # the model failed on validated input: report, keep serving
             log.exception("model %s failed", backend.name)
-            await context.abort(grpc.StatusCode.INTERNAL, f"model {backend.name!r} failed: {exc}")
+            context.abort(grpc.StatusCode.INTERNAL, f"model {backend.name!r} failed: {exc}")
         response = pb.ModelInferResponse(model_name=backend.name, model_version=backend.version, id=request.id)
         for spec in wanted:
             header, raw = output_tensor(spec.name, result.arrays[spec.name])
@@ -252,11 +253,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 class DeviceServer:
-    """A grpc.aio server hosting ModelBackends on the inference and health services.
+    """A gRPC server hosting ModelBackends on the inference and health services.
 
     Binds `host` (127.0.0.1 unless told otherwise); port 0 picks a free port, read it from
     `port` after start(). Message size limits are derived from the models' tensor shapes and
-    batch limit unless `max_message_bytes` is given.
+    batch limit unless `max_message_bytes` is given. Handlers run on a thread pool sized from
+    the backends' concurrency plus a few threads so health and metadata calls never wait
+    behind inference. Usable as a context manager (start on enter, stop on exit).
     """
 
     def __init__(
@@ -269,6 +272,7 @@ class DeviceServer:
         max_message_bytes: int | None = None,
         grace_s: float = 5.0,
         server_name: str = "nonn",
+        handler_threads: int | None = None,
     ) -> None:
         self.backends = [backends] if isinstance(backends, ModelBackend) else list(backends)
         if not self.backends:
@@ -281,10 +285,10 @@ class DeviceServer:
         self.tls = tls
         self.grace_s = grace_s
         self.max_message_bytes = max_message_bytes or message_limit(self.backends)
+        self.handler_threads = handler_threads or sum(b.concurrency for b in self.backends) + _SPARE_HANDLERS
         self.servicer = InferenceServicer(self.backends, server_name)
-        self.health = health.aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
-        self._background: LoopThread | None = None
+        self.health = health.HealthServicer()
+        self._server: grpc.Server | None = None
         self._stopped = False
 
     @property
@@ -297,19 +301,22 @@ class DeviceServer:
     def _health_names(self) -> list[str]:
         return ["", SERVICE_NAME] + [backend.name for backend in self.backends]
 
-    async def start(self) -> int:
+    def start(self) -> int:
         """Bind, start serving, then mark health SERVING; returns the bound port."""
-        server = grpc.aio.server(
+        if self._server is not None:
+            raise RuntimeError("the server is already started")
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=self.handler_threads, thread_name_prefix="nonn-rpc"),
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for name in self._health_names():
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         target = f"[{self.host}]:{self.requested_port}" if ":" in self.host else f"{self.host}:{self.requested_port}"
         try:
             if self.tls is not None:
@@ -320,12 +327,12 @@ class DeviceServer:
             raise OSError(f"cannot bind {target}: {exc}") from exc
         if not bound:
             raise OSError(f"cannot bind {target} (address in use or not available)")
-        await server.start()
+        server.start()
         self._server = server
         self.port = bound
         self.servicer.ready = True
         for name in self._health_names():
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving %s on %s%s",
             ", ".join(b.name for b in self.backends),
@@ -334,71 +341,26 @@ class DeviceServer:
         )
         return bound
 
-    async def stop(self, grace_s: float | None = None) -> None:
+    def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new calls, finish in-flight ones (up to grace_s)."""
         if self._server is None or self._stopped:
             return
         self._stopped = True
-        await self.health.enter_graceful_shutdown()
+        self.health.enter_graceful_shutdown()
+        self._server.stop(self.grace_s if grace_s is None else grace_s).wait()
         self.servicer.ready = False
-        await self._server.stop(self.grace_s if grace_s is None else grace_s)
         for backend in self.backends:
-            await backend.close()
+            backend.close()
 
-    async def wait_for_termination(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
-
-    # -- running from synchronous code (tests, benchmarks, in-process fleets) ---------------
-    def start_background(self, timeout: float = 30.0) -> "DeviceServer":
-        """Start on a private event loop thread; returns self (read `port` / `address`)."""
-        if self._background is not None:
-            raise RuntimeError("the server is already running in the background")
-        self._background = LoopThread(name="nonn-server")
-        try:
-            self._background.run(self.start(), timeout)
-        except BaseException:
-            self._background.stop()
-            self._background = None
-            raise
-        return self
-
-    def stop_background(self, grace_s: float | None = None) -> None:
-        if self._background is None:
-            return
-        try:
-            self._background.run(self.stop(grace_s))
-        finally:
-            self._background.stop()
-            self._background = None
+    def wait_for_termination(self, timeout_s: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout_s) if self._server is not None else True
 
     def __enter__(self) -> "DeviceServer":
-        return self.start_background()
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop_background(0)
-
-
-async def _run_until_signal(server: DeviceServer, ready_file: Path | None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    names = [backend.name for backend in server.backends]
-    if ready_file is not None:
-        atomic_write_json(
-            ready_file,
-            {"models": names, "host": server.host, "port": server.port, "address": server.address, "pid": os.getpid()},
-        )
-    print(f"nonn serve: {', '.join(names)} ready on {server.address}", flush=True)
-    try:
-        await stop.wait()
-        log.info("signal received: finishing in-flight requests (up to %.1f s), then stopping", server.grace_s)
-        await server.stop()
-    finally:
-        if ready_file is not None:
-            ready_file.unlink(missing_ok=True)
+        self.stop(0)
 
 
 def serve_backends(
@@ -411,7 +373,7 @@ def serve_backends(
     grace_s: float = 5.0,
     ready_file: str | os.PathLike[str] | None = None,
 ) -> None:
-    """Serve `backends` until SIGTERM or SIGINT, then stop gracefully (blocking).
+    """Serve `backends` until SIGTERM or SIGINT, then stop gracefully (blocking; main thread only).
 
     `ready_file` (optional) receives {"models", "host", "port", "address", "pid"} as JSON once
     the server is SERVING, and is removed on exit: a launcher using port 0 reads the port there.
@@ -419,7 +381,27 @@ def serve_backends(
     server = DeviceServer(
         backends, host=host, port=port, tls=tls, max_message_bytes=max_message_bytes, grace_s=grace_s
     )
-    asyncio.run(_run_until_signal(server, Path(ready_file) if ready_file is not None else None))
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    ready = Path(ready_file) if ready_file is not None else None
+    try:
+        server.start()
+        names = [backend.name for backend in server.backends]
+        if ready is not None:
+            atomic_write_json(
+                ready,
+                {"models": names, "host": server.host, "port": server.port, "address": server.address, "pid": os.getpid()},
+            )
+        print(f"nonn serve: {', '.join(names)} ready on {server.address}", flush=True)
+        while not stop.wait(1.0):
+            pass
+        log.info("signal received: finishing in-flight requests (up to %.1f s), then stopping", server.grace_s)
+    finally:
+        server.stop()
+        if ready is not None:
+            ready.unlink(missing_ok=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def student_backend(

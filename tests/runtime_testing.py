@@ -177,3 +177,9 @@ def reference_logits(bundle, batch: np.ndarray, missing=()) -> np.ndarray:
             parts.append(sess.run(None, {s.input.name: batch})[0])
     head = ort.InferenceSession(str(bundle.path_of(bundle.head)), providers=["CPUExecutionProvider"])
     return head.run(None, {bundle.head.input.name: np.concatenate(parts, axis=1)})[0]
+
+
+def started(server):
+    """Start a DeviceServer and return it (its `address` is then known)."""
+    server.start()
+    return server

@@ -22,7 +22,7 @@ from nonn.runtime.aggregator import AggregationError, Aggregator, AggregatorBack
 from nonn.runtime.onnx_model import OnnxModel
 from nonn.runtime.server import DeviceServer, InferenceServicer, InferOutput, ModelBackend, OnnxBackend, student_backend
 
-from runtime_testing import make_bundle, reference_logits, tiny_student
+from runtime_testing import started, make_bundle, reference_logits, tiny_student
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -36,10 +36,10 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def devices(bundle):
-    servers = [DeviceServer(student_backend(bundle, s.name)).start_background() for s in bundle.students]
+    servers = [started(DeviceServer(student_backend(bundle, s.name))) for s in bundle.students]
     yield servers
     for server in servers:
-        server.stop_background(0)
+        server.stop(0)
 
 
 def batch(n: int, seed: int = 0) -> np.ndarray:
@@ -98,25 +98,25 @@ class SlowBackend(ModelBackend):
         self.inputs = [TensorSpec("input", "FP32", (-1, *SHAPE))]
         self.outputs = [TensorSpec("features", "FP32", (-1, features))]
 
-    async def infer(self, inputs, outputs):
-        await asyncio.sleep(self.delay_s)
+    def infer(self, inputs, outputs):
+        time.sleep(self.delay_s)
         return InferOutput({"features": np.ones((len(inputs["input"]), self.outputs[0].shape[1]), np.float32)})
 
 
 def test_deadline_bounds_a_slow_device(bundle, devices):
-    slow = DeviceServer(SlowBackend("student_1", 2, delay_s=2.0)).start_background()
+    slow = started(DeviceServer(SlowBackend("student_1", 2, delay_s=2.0)))
     try:
         endpoints = [d.address for d in devices]
         endpoints[1] = slow.address
         with Aggregator(bundle, endpoints, deadline_s=0.3) as agg:
-            started = time.perf_counter()
+            t0 = time.perf_counter()
             result = agg.infer_sync(batch(1))
-            elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - t0
         assert result.contributed == [True, False, True, True]
         assert "DEADLINE_EXCEEDED" in result.errors[1]
         assert elapsed < 1.5
     finally:
-        slow.stop_background(0)
+        slow.stop(0)
 
 
 class FlakyServicer(InferenceServicer):
@@ -127,18 +127,18 @@ class FlakyServicer(InferenceServicer):
         self.failures = failures
         self.calls = 0
 
-    async def ModelInfer(self, request, context):
+    def ModelInfer(self, request, context):
         self.calls += 1
         if self.calls <= self.failures:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
-        return await super().ModelInfer(request, context)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        return super().ModelInfer(request, context)
 
 
 @pytest.mark.parametrize("retries, ok", [(2, True), (1, False)])
 def test_retry_on_unavailable(bundle, devices, retries, ok):
     flaky = DeviceServer(student_backend(bundle, "student_0"))
     flaky.servicer = FlakyServicer(flaky.backends, failures=2)
-    flaky.start_background()
+    flaky.start()
     try:
         endpoints = [flaky.address] + [d.address for d in devices[1:]]
         with Aggregator(bundle, endpoints, deadline_s=5, retries=retries, backoff_s=0.01) as agg:
@@ -151,11 +151,11 @@ def test_retry_on_unavailable(bundle, devices, retries, ok):
         else:
             assert "UNAVAILABLE: warming up" in result.errors[0]
     finally:
-        flaky.stop_background(0)
+        flaky.stop(0)
 
 
 def test_wrong_reply_shape_is_not_used(bundle, devices, tmp_path):
-    wrong = DeviceServer(OnnxBackend(OnnxModel(tiny_student(tmp_path / "w.onnx", 5, SHAPE)), "student_3")).start_background()
+    wrong = started(DeviceServer(OnnxBackend(OnnxModel(tiny_student(tmp_path / "w.onnx", 5, SHAPE)), "student_3")))
     try:
         endpoints = [d.address for d in devices[:3]] + [wrong.address]
         with Aggregator(bundle, endpoints) as agg:
@@ -164,7 +164,7 @@ def test_wrong_reply_shape_is_not_used(bundle, devices, tmp_path):
         assert result.contributed == [True, True, True, False]
         assert "bad reply" in result.errors[3] and "[2, 3]" in result.errors[3]
     finally:
-        wrong.stop_background(0)
+        wrong.stop(0)
 
 
 def spawn_device(bundle, student: str, ready: Path) -> subprocess.Popen:
@@ -214,7 +214,7 @@ def test_ensemble_served_as_one_model_to_a_stock_client(bundle, devices):
     import tritonclient.grpc as triton
 
     agg = Aggregator(bundle, [d.address for d in devices[:3]] + [f"127.0.0.1:{free_port()}"], retries=0)
-    front = DeviceServer(AggregatorBackend(agg)).start_background()
+    front = started(DeviceServer(AggregatorBackend(agg)))
     try:
         client = triton.InferenceServerClient(front.address)
         assert client.is_model_ready("ensemble")
@@ -229,7 +229,7 @@ def test_ensemble_served_as_one_model_to_a_stock_client(bundle, devices):
         assert params["contributed"].string_param == "1,1,1,0" and params["degraded"].bool_param
         client.close()
     finally:
-        front.stop_background(0)
+        front.stop(0)
 
 
 def test_cli_infer_json(bundle, devices, tmp_path, capsys):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -24,7 +23,7 @@ from nonn.runtime.codec import TensorSpec
 from nonn.runtime.onnx_model import ModelIntegrityError, OnnxModel
 from nonn.runtime.server import DeviceServer, InferOutput, ModelBackend, OnnxBackend
 
-from runtime_testing import make_bundle, tiny_student
+from runtime_testing import started, make_bundle, tiny_student
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,9 +38,9 @@ def model_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    srv = DeviceServer(OnnxBackend(OnnxModel(model_path), "student_0", max_batch=4)).start_background()
+    srv = started(DeviceServer(OnnxBackend(OnnxModel(model_path), "student_0", max_batch=4)))
     yield srv
-    srv.stop_background(0)
+    srv.stop(0)
 
 
 @pytest.fixture(scope="module")
@@ -200,13 +199,13 @@ class SlowBackend(ModelBackend):
         self.outputs = [TensorSpec("features", "FP32", (-1, FEATURES))]
         self.delay_s = delay_s
 
-    async def infer(self, inputs, outputs):
-        await asyncio.sleep(self.delay_s)
+    def infer(self, inputs, outputs):
+        time.sleep(self.delay_s)
         return InferOutput({"features": np.zeros((len(inputs["input"]), FEATURES), np.float32)})
 
 
 def test_graceful_stop_finishes_in_flight_request():
-    server = DeviceServer(SlowBackend(0.5)).start_background()
+    server = started(DeviceServer(SlowBackend(0.5)))
     outcome: dict[str, object] = {}
 
     def call():
@@ -221,7 +220,7 @@ def test_graceful_stop_finishes_in_flight_request():
     thread.start()
     time.sleep(0.2)  # the request is now in flight
     address = server.address
-    server.stop_background(grace_s=3)
+    server.stop(grace_s=3)
     thread.join(5)
     assert "error" not in outcome, outcome.get("error")
     assert list(outcome["reply"].outputs[0].shape) == [1, FEATURES]

@@ -12,7 +12,7 @@ from nonn.runtime.aggregator import AggregationError, Aggregator
 from nonn.runtime.server import DeviceServer, student_backend
 from nonn.runtime.tls import ClientTLS, ServerTLS
 
-from runtime_testing import make_bundle, make_certificates, reference_logits
+from runtime_testing import started, make_bundle, make_certificates, reference_logits
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,7 +60,7 @@ def test_stock_client_and_aggregator_over_mutual_tls(bundle, certs):
     import tritonclient.grpc as triton
 
     tls = ServerTLS(certs["server"], certs["server_key"], client_ca=certs["ca"])
-    servers = [DeviceServer(student_backend(bundle, s.name), tls=tls).start_background() for s in bundle.students]
+    servers = [started(DeviceServer(student_backend(bundle, s.name), tls=tls)) for s in bundle.students]
     try:
         client = triton.InferenceServerClient(
             servers[0].address,
@@ -83,7 +83,7 @@ def test_stock_client_and_aggregator_over_mutual_tls(bundle, certs):
                 agg.infer_sync(x)
     finally:
         for server in servers:
-            server.stop_background(0)
+            server.stop(0)
 
 
 def test_tls_arguments_are_checked(tmp_path, certs):
