@@ -141,10 +141,11 @@ def build_report(result: "SimulationResult", *, dataset: str | None = None) -> d
     degraded = answered & ~full
     labels = result.labels[result.image_index] if R else np.zeros((0, B), dtype=np.int64)
     correct = (result.predictions == labels).sum(axis=1) if R else np.zeros(0, dtype=int)
-    agree = None
+    agree = teacher_correct = None
     if result.teacher_predictions is not None:
         teacher = result.teacher_predictions[result.image_index] if R else np.zeros((0, B), dtype=np.int64)
         agree = (result.predictions == teacher).sum(axis=1)
+        teacher_correct = (teacher == labels).sum(axis=1)
     n_answered_img = int(answered.sum()) * B
 
     windows = _outage_windows(result.events, result.wall_s)
@@ -210,9 +211,7 @@ def build_report(result: "SimulationResult", *, dataset: str | None = None) -> d
         "accuracy_degraded": acc(degraded),
         "accuracy_during_outage": acc(in_outage) if windows else None,
         "teacher_agreement": None if agree is None else _round(_fraction(agree[answered].sum(), n_answered_img)),
-        "teacher_accuracy": None
-        if result.teacher_predictions is None
-        else _round(float((result.teacher_predictions[result.image_index[answered]] == labels[answered]).mean()) if answered.any() else None),
+        "teacher_accuracy": None if teacher_correct is None else _round(_fraction(teacher_correct[answered].sum(), n_answered_img)),
         "latency_ms": _percentiles(result.latency_s),
         "throughput": {
             "requests_per_s": _round(_fraction(int(answered.sum()), result.wall_s), 2),
