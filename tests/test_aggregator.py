@@ -257,3 +257,32 @@ def test_bad_inputs_are_named(bundle, devices, tmp_path, capsys):
     np.save(tmp_path / "bad.npy", np.zeros((2, 3, 3)))
     code = main(["infer", "--bundle", str(bundle.root), "--devices", ",".join(d.address for d in devices), "--input", str(tmp_path / "bad.npy")])
     assert code == 2 and "expected (N, 1, 4, 4)" in capsys.readouterr().err
+
+
+def test_cli_serve_aggregate_front_end(bundle, devices, tmp_path):
+    import tritonclient.grpc as triton
+
+    ready = tmp_path / "front.json"
+    cmd = [sys.executable, "-m", "nonn", "serve", "--bundle", str(bundle.root), "--aggregate", "--name", "nonn-ensemble",
+           "--devices", ",".join(d.address for d in devices), "--port", "0", "--ready-file", str(ready)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client = triton.InferenceServerClient(json.loads(ready.read_text())["address"])
+        x = batch(2, 7)
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer("nonn-ensemble", [tensor])
+        np.testing.assert_allclose(result.as_numpy("logits"), reference_logits(bundle, x), rtol=1e-5, atol=1e-5)
+        assert result.get_response().parameters["contributed"].string_param == "1,1,1,1"
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

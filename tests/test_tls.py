@@ -97,3 +97,25 @@ def test_tls_arguments_are_checked(tmp_path, certs):
         ClientTLS(ca=tmp_path / "junk.pem").credentials()
     with pytest.raises(ValueError, match="both the certificate and its key"):
         ClientTLS(ca=certs["ca"], cert=certs["client"])
+
+
+def test_cli_infer_over_mutual_tls(bundle, certs, tmp_path, capsys):
+    import json
+
+    from nonn.cli import main
+
+    tls = ServerTLS(certs["server"], certs["server_key"], client_ca=certs["ca"])
+    servers = [started(DeviceServer(student_backend(bundle, s.name), tls=tls)) for s in bundle.students]
+    try:
+        images = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
+        np.save(tmp_path / "x.npy", images)
+        base = ["infer", "--bundle", str(bundle.root), "--devices", ",".join(s.address for s in servers),
+                "--input", str(tmp_path / "x.npy"), "--json", "--tls-ca", str(certs["ca"])]  # fmt: skip
+        assert main(base + ["--tls-cert", str(certs["client"]), "--tls-key", str(certs["client_key"])]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["degraded_batches"] == 0 and len(report["predictions"]) == 3
+        assert main(base + ["--tls-cert", str(certs["client"])]) == 2
+        assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
+    finally:
+        for server in servers:
+            server.stop(0)
