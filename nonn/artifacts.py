@@ -16,6 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 __all__ = [
     "ArtifactError",
     "atomic_path",
@@ -44,6 +50,8 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + dest.suffix, dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates 0600; an artifact gets the permissions of an ordinary new file.
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -84,6 +92,7 @@ def atomic_directory(dest: str | os.PathLike[str], overwrite: bool = True) -> It
         raise FileExistsError(f"{dest} already exists (pass overwrite=True to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
     except BaseException:

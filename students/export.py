@@ -576,18 +576,8 @@ def export_bundle(
             root=tmp,
         )
         bundle.save(tmp)
-        _apply_umask(tmp)
     bundle.root = Path(out_dir)
     return bundle
-
-
-def _apply_umask(root: Path) -> None:
-    """Give the bundle ordinary permissions: temporary files and directories are created
-    private (0600/0700), but a bundle is meant to be read by the serving user too."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # --------------------------------------------------------------------------- from a checkpoint

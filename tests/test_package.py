@@ -44,3 +44,33 @@ def test_cli_help_lists_pipeline(capsys):
         main(["--help"])
     assert exc.value.code == 0
     assert "nonn partition" in capsys.readouterr().out
+
+
+def test_atomic_artifacts_get_ordinary_permissions(tmp_path):
+    import os
+
+    from nonn.artifacts import atomic_directory, atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        f = atomic_write_text(tmp_path / "a.json", "{}")
+        with atomic_directory(tmp_path / "bundle") as d:
+            (d / "x").write_text("x")
+    finally:
+        os.umask(mask)
+    assert (f.stat().st_mode & 0o777) == 0o644
+    assert ((tmp_path / "bundle").stat().st_mode & 0o777) == 0o755
+
+
+def test_atomic_directory_failure_keeps_previous(tmp_path):
+    from nonn.artifacts import atomic_directory
+
+    dest = tmp_path / "bundle"
+    with atomic_directory(dest) as d:
+        (d / "old").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(dest) as d:
+            (d / "new").write_text("2")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in dest.iterdir()) == ["old"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
