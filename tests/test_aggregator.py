@@ -286,3 +286,23 @@ def test_cli_serve_aggregate_front_end(bundle, devices, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_restarted_device_is_used_again(bundle, devices):
+    port = free_port()
+    device = started(DeviceServer(student_backend(bundle, "student_2"), port=port))
+    endpoints = [d.address for d in devices]
+    endpoints[2] = device.address
+    with Aggregator(bundle, endpoints, deadline_s=0.5, retries=1) as agg:
+        assert agg.infer_sync(batch(1)).contributed[2]
+        device.stop(0)
+        assert not agg.infer_sync(batch(1)).contributed[2]
+        device = started(DeviceServer(student_backend(bundle, "student_2"), port=port))
+        try:
+            deadline = time.monotonic() + 10
+            while not (result := agg.infer_sync(batch(1))).contributed[2]:
+                assert time.monotonic() < deadline, "the aggregator never reconnected"
+                time.sleep(0.05)
+            np.testing.assert_allclose(result.logits, reference_logits(bundle, batch(1)), rtol=1e-5, atol=1e-5)
+        finally:
+            device.stop(0)
