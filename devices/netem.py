@@ -81,8 +81,11 @@ class LinkModel:
 
     @classmethod
     def from_profile(cls, profile: Any) -> "LinkModel":
-        """The link of a DeviceProfile (its `link` as an object or a dict), or of a link itself."""
-        link = getattr(profile, "link", profile)
+        """The link of a DeviceProfile or profile dict (its `link`), or of a link itself."""
+        if isinstance(profile, dict):
+            link = profile["link"] if "link" in profile else profile
+        else:
+            link = getattr(profile, "link", profile)
         if link is None:
             return cls()
 

@@ -59,6 +59,7 @@ def test_link_model_from_profile_reads_object_or_dict():
 
     assert LinkModel.from_profile(Profile()) == LinkModel(50.0, 3.0, 0.001)
     assert LinkModel.from_profile({"link": None}) == LinkModel()
+    assert LinkModel.from_profile({"name": "x", "link": {"bandwidth_mbps": 5, "latency_ms": 7, "loss": 0.1}}) == LinkModel(5.0, 7.0, 0.1)
     assert LinkModel.from_profile({"bandwidth_mbps": 10, "latency_ms": 1}) == LinkModel(10.0, 1.0, 0.0)
     assert LinkModel(10.0, 4.0, 0.02).netem_args() == ["netem", "delay", "2.000ms", "rate", "10000kbit", "loss", "2.0000%"]
 

@@ -56,7 +56,7 @@ def test_simulate_three_students_end_to_end(bundle, data):
     teacher[:10] = (teacher[:10] + 1) % 3  # the teacher disagrees on 10 of 40 images
     result = simulate(
         bundle.root,
-        [tiny_profile(latency_ms=4.0, bandwidth_mbps=50.0)] * 3,
+        [tiny_profile(latency_ms=25.0, bandwidth_mbps=50.0)] * 3,
         x,
         y,
         teacher_predictions=teacher,
@@ -70,9 +70,9 @@ def test_simulate_three_students_end_to_end(bundle, data):
     assert report["accuracy"] == 1.0
     # Requests cycle over the 40 images: 0..19 are sent twice, so the 10 disagreements count twice.
     assert report["teacher_agreement"] == pytest.approx(1 - 20 / 60, abs=1e-6)
-    # The client delay model ran: no request can beat the 4 ms round trip.
+    # The client delay model ran: no request can beat the 25 ms round trip.
     assert report["network_emulation"]["mode"] == "client-delay"
-    assert report["latency_ms"]["p50"] >= 4.0
+    assert float(np.nanmin(result.latency_s)) >= 0.025
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p95"] <= report["latency_ms"]["p99"]
     for d in report["devices"]:
         assert d["peak_rss_mb"] > 10  # a real Python + ONNX Runtime process was measured
