@@ -116,24 +116,34 @@ async def aggregator_run(agg: Aggregator, inputs: np.ndarray, concurrency: int, 
         times.append(time.perf_counter() - t)
     cpu_ms = [(after - before) / len(inputs) * 1e3 for before, after in zip(cpu_before, cpu_seconds(processes))]
     p50, p99 = percentiles(times)
-    # Throughput: `concurrency` requests in flight until every input was answered.
-    queue = list(range(len(inputs)))
+    # Throughput: `concurrency` batch-1 requests in flight until every input was answered,
+    # first one device call per request, then with queued requests coalesced.
     degraded = 0
 
-    async def worker() -> None:
+    async def throughput(coalesce: int) -> float:
         nonlocal degraded
-        while queue:
-            i = queue.pop()
-            result = await agg.infer(inputs[i][None])
-            degraded += result.degraded
+        queue = list(range(len(inputs)))
+        agg.coalesce = coalesce
 
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
+        async def worker() -> None:
+            nonlocal degraded
+            while queue:
+                i = queue.pop()
+                result = await agg.infer(inputs[i][None])
+                degraded += result.degraded
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        agg.coalesce = 1
+        return len(inputs) / (time.perf_counter() - started)
+
+    plain = await throughput(1)
+    coalesced = await throughput(concurrency)
     return {
         "p50_ms": p50,
         "p99_ms": p99,
-        "throughput": len(inputs) / elapsed,
+        "throughput": plain,
+        "throughput_coalesced": coalesced,
         "degraded_answers": degraded,
         "cpu_ms_per_request": {"aggregator": cpu_ms[0], "devices": cpu_ms[1:]},
         "bytes_sent": last.bytes_sent,
@@ -181,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overhead = agg["p50_ms"] - slowest["p50_ms"]
     ratio = agg["throughput"] / slowest["throughput"]
+    ratio_coalesced = agg["throughput_coalesced"] / slowest["throughput"]
     rss = max(d["peak_rss_mb"] for d in devices)
     out = {
         "cpu_cores": os.cpu_count(),
@@ -193,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "aggregator": agg,
         "overhead_p50_ms": overhead,
         "throughput_ratio": ratio,
+        "throughput_ratio_coalesced": ratio_coalesced,
         "device_peak_rss_mb": [d["peak_rss_mb"] for d in devices],
         "device_memory_mb": memory,
     }
@@ -209,12 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         f"throughput: aggregator {agg['throughput']:.0f} img/s with {args.concurrency} in flight vs slowest student in-process "
         f"{slowest['throughput']:.0f} img/s: ratio {ratio:.2f}  [{goal(ratio >= GOAL_THROUGHPUT_RATIO)} >= {GOAL_THROUGHPUT_RATIO}]"
     )
+    print(
+        f"            with queued requests coalesced (up to {args.concurrency} images per device call): "
+        f"{agg['throughput_coalesced']:.0f} img/s: ratio {ratio_coalesced:.2f}  [{goal(ratio_coalesced >= GOAL_THROUGHPUT_RATIO)} >= {GOAL_THROUGHPUT_RATIO}]"
+    )
     cpu = agg["cpu_ms_per_request"]
     print(
         f"CPU per batch-1 request: aggregator {cpu['aggregator']:.3f} ms, devices "
         f"{', '.join(f'{v:.3f}' for v in cpu['devices'])} ms (in-process student: ~{slowest['p50_ms']:.3f} ms)"
     )
-    print(f"degraded answers: {agg['degraded_answers']} of {args.requests}")
+    print(f"degraded answers: {agg['degraded_answers']} of {3 * args.requests}")
     print(f"device server peak RSS: {', '.join(f'{v:.1f}' for v in out['device_peak_rss_mb'])} MB  [{goal(rss < GOAL_RSS_MB)} < {GOAL_RSS_MB:.0f} MB]")
     for m in memory:
         print(f"  RSS {m['VmRSS']:.1f} MB = {m['RssAnon']:.1f} MB private (heap) + {m['RssFile']:.1f} MB mapped files (shared libraries)")

@@ -62,6 +62,7 @@ class OnnxModel:
         # A small device: no busy-waiting worker threads, no arena that only ever grows.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.enable_cpu_mem_arena = memory_arena
+        options.enable_mem_pattern = memory_arena
         try:
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for bad graphs

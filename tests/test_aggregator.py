@@ -306,3 +306,26 @@ def test_restarted_device_is_used_again(bundle, devices):
             np.testing.assert_allclose(result.logits, reference_logits(bundle, batch(1)), rtol=1e-5, atol=1e-5)
         finally:
             device.stop(0)
+
+
+def test_coalescing_merges_queued_requests_and_keeps_answers_apart(bundle, devices):
+    counted = DeviceServer(student_backend(bundle, "student_0"))
+    counted.servicer = FlakyServicer(counted.backends, failures=0)
+    counted.start()
+    try:
+        endpoints = [counted.address] + [d.address for d in devices[1:]]
+
+        async def run():
+            async with Aggregator(bundle, endpoints, coalesce=8, pipeline=1) as agg:
+                return await asyncio.gather(*(agg.infer(batch(1 + seed % 2, seed)) for seed in range(16)))
+
+        results = asyncio.run(run())
+        for seed, result in enumerate(results):
+            assert result.logits.shape == (1 + seed % 2, 5)
+            np.testing.assert_allclose(result.logits, reference_logits(bundle, batch(1 + seed % 2, seed)), rtol=1e-5, atol=1e-5)
+            assert result.contributed == [True] * 4
+        assert counted.servicer.calls < 16  # fewer device calls than requests
+        total_sent = sum(r.bytes_sent[0] for r in results)
+        assert 24 * 16 * 4 < total_sent < 24 * 16 * 4 + 200 * counted.servicer.calls  # 24 images in all
+    finally:
+        counted.stop(0)

@@ -62,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     agg.add_argument("--deadline", type=float, default=1.0, help="seconds a device has to answer, retries included (default: 1.0)")
     agg.add_argument("--retries", type=int, default=2, help="extra attempts when a device is UNAVAILABLE (default: 2)")
     agg.add_argument("--strict", action="store_true", help="fail a request when any device misses it")
+    agg.add_argument("--coalesce", type=int, default=1, help="merge requests that queue up under load into one device call of up to N images (default: 1, off)")
     _add_client_tls_args(agg, "device-tls", "devices")
     s.set_defaults(func=_serve)
 
@@ -133,6 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
             tls=_client_tls(args, "device_tls"),
             max_batch=args.max_batch,
             head_threads=args.threads,
+            coalesce=args.coalesce,
         )
         backend = AggregatorBackend(aggregator, name=args.name or "ensemble")
     elif args.bundle is not None:
