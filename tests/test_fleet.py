@@ -141,7 +141,7 @@ def test_link_relay_delays_calls_as_the_model_says():
                 expected = link.call_time_s(request + 8, reply)
                 measured = min(_call(via, request, reply) for _ in range(2))
                 assert measured >= expected * 0.97, (request, measured, expected)
-                assert measured <= expected + base + 0.05, (request, measured, expected)
+                assert measured <= expected + base + 0.2, (request, measured, expected)  # slack for a loaded machine
         stats = relay.stats()
         assert stats["bytes_up"] == 2 * (18 + 20008) and stats["bytes_down"] == 2 * (10 + 400)
     finally:

@@ -100,7 +100,7 @@ def test_kill_and_restart_gives_degraded_answers_and_loses_nothing(bundle, data)
             requests=20,
             concurrency=2,
             rate=50.0,
-            recovery_s=1.6,
+            recovery_s=2.0,
             deadline_s=0.5,
             network="none",
             faults=[FaultSpec(device=1, at_s=0.3, restart_after_s=0.3)],
@@ -120,12 +120,12 @@ def test_kill_and_restart_gives_degraded_answers_and_loses_nothing(bundle, data)
     # Device 1 came back: requests sent after it reported serving use all three devices again.
     serving_at = next(e["t"] for e in result.events if e["event"] == "serving")
     # The stream ran until the fault had played out, and beyond; the aggregator reconnects
-    # within its 1 s maximum reconnect backoff.
-    assert result.wall_s >= serving_at + 1.6
-    after = result.request_start_s > serving_at + 1.2
+    # within its 1 s maximum reconnect backoff (+20% jitter).
+    assert result.wall_s >= serving_at + 2.0
+    after = result.request_start_s > serving_at + 1.5
     assert after.sum() >= 5 and result.contributed[after].all()
     outage = report["timeline"]["outages"][0]
-    assert outage["start_s"] <= outage["end_s"] <= outage["answering_again_s"] <= serving_at + 1.2
+    assert outage["start_s"] <= outage["end_s"] <= outage["answering_again_s"] <= serving_at + 1.5
     dev1 = report["devices"][1]
     assert dev1["starts"] == 2 and dev1["contributed"] < 1.0
     assert any(b["degraded"] for b in report["timeline"]["bins"])
