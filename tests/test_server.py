@@ -247,11 +247,14 @@ def test_tampered_model_is_refused(tmp_path, model_path, capsys):
     assert student_backend(tmp_path / "bundle", "student_0").name == "student_0"
 
 
-def test_cli_serve_until_sigterm(tmp_path, model_path):
+def test_cli_serve_without_torch_until_sigterm(tmp_path, model_path):
     ready = tmp_path / "ready.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The device side runs without torch: block it, as on a device that does not have it.
+    argv = ["serve", "--model", str(model_path), "--name", "dev", "--port", "0", "--ready-file", str(ready)]
+    code = f"import sys; sys.modules['torch'] = None; from nonn.cli import main; sys.exit(main({argv!r}))"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nonn", "serve", "--model", str(model_path), "--name", "dev", "--port", "0", "--ready-file", str(ready)],
+        [sys.executable, "-c", code],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
