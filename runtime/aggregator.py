@@ -49,6 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MESSAGE_SLACK = 1 << 20
+_FALLBACK_MESSAGE_BYTES = 64 << 20  # when the input has dynamic non-batch dimensions
 
 
 class AggregationError(RuntimeError):
@@ -267,8 +268,10 @@ class Aggregator:
                     f"students disagree on the input: {self.routes[0].name} takes {first}, {route.name} takes {route.input}"
                 )
         for route in self.routes:
-            if route.output.shape[1:] and (len(route.output.shape) != 2 or route.output.shape[1] < 1):
-                raise ValueError(f"student {route.name}: output shape {list(route.output.shape)} is not (batch, features)")
+            if len(route.output.shape) != 2 or route.output.shape[1] < 1:
+                raise ValueError(
+                    f"student {route.name}: output shape {list(route.output.shape)} is not (batch, fixed number of features)"
+                )
         self.input_spec = first
         self.head = OnnxModel(self.spec.head_path, threads=head_threads, expected_sha256=self.spec.head_sha256)
         if len(self.head.inputs) != 1 or len(self.head.outputs) != 1:
@@ -284,8 +287,8 @@ class Aggregator:
         self.feature_total = total
         self.class_names = list(self.spec.class_names)
 
-        item = bytes_per_item(first) or (64 << 20)
-        self.max_message_bytes = item * self.max_batch + _MESSAGE_SLACK
+        item = bytes_per_item(first)
+        self.max_message_bytes = item * self.max_batch + _MESSAGE_SLACK if item else _FALLBACK_MESSAGE_BYTES
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls: list[Any] = []
         self._loop: asyncio.AbstractEventLoop | None = None
