@@ -214,6 +214,8 @@ def _infer(args: argparse.Namespace) -> int:
         bundle, args.devices, deadline_s=args.deadline, retries=args.retries, strict=args.strict,
         tls=_client_tls(args, "tls"), max_batch=args.max_batch,
     ) as aggregator:  # fmt: skip
+        for problem in aggregator.check_devices_sync():
+            print(f"nonn infer: warning: {problem}", file=sys.stderr)
         starts = range(0, len(x), args.batch_size)
         for start in tqdm(starts, desc="infer", unit="batch", disable=args.json or len(starts) < 2, file=sys.stderr):
             result = aggregator.infer_sync(x[start : start + args.batch_size])
