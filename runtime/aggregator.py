@@ -143,7 +143,12 @@ def preprocess_images(images: np.ndarray, mean: Sequence[float], std: Sequence[f
 
 @dataclass
 class AggregateResult:
-    """One aggregated answer: logits plus, per device, whether it contributed and what it cost."""
+    """One aggregated answer: logits plus, per device, whether it contributed and what it cost.
+
+    bytes_sent / bytes_received are serialized protobuf sizes of the ModelInfer request and reply
+    for each device, summed over attempts; an attempt that found no connection (UNAVAILABLE)
+    sent nothing and is not counted.
+    """
 
     logits: np.ndarray
     contributed: list[bool]
@@ -410,17 +415,21 @@ class Aggregator:
                 error = error or f"DEADLINE_EXCEEDED: no answer within {self.deadline_s:g} s"
                 break
             attempts += 1
-            sent += size
             try:
                 reply = await self._calls[k](request, timeout=remaining)
             except grpc.aio.AioRpcError as exc:
                 error = f"{exc.code().name}: {exc.details()}"
+                # UNAVAILABLE: no connection, so the request is not counted as sent; any other
+                # status came from (or timed out at) a server that had the request.
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    sent += size
                 if exc.code() == grpc.StatusCode.UNAVAILABLE and attempts <= self.retries:
                     pause = min(self.backoff_s * 2 ** (attempts - 1), deadline - loop.time())
                     if pause > 0:
                         await asyncio.sleep(pause)
                     continue
                 break
+            sent += size
             received += reply.ByteSize()
             try:
                 features = self._features(route, reply, shape[0])

@@ -84,6 +84,7 @@ def test_down_device_degrades_or_fails_in_strict_mode(bundle, devices):
         result = agg.infer_sync(x)
     assert result.contributed == [True, True, False, True]
     assert result.attempts[2] == 2 and "UNAVAILABLE" in result.errors[2]
+    assert result.bytes_sent[2] == result.bytes_received[2] == 0  # nothing reached a server
     np.testing.assert_allclose(result.logits, reference_logits(bundle, x, missing={2}), rtol=1e-5, atol=1e-5)
     with Aggregator(bundle, endpoints, deadline_s=2, retries=0, strict=True) as agg:
         with pytest.raises(AggregationError, match="student_2"):
@@ -114,6 +115,7 @@ def test_deadline_bounds_a_slow_device(bundle, devices):
             elapsed = time.perf_counter() - t0
         assert result.contributed == [True, False, True, True]
         assert "DEADLINE_EXCEEDED" in result.errors[1]
+        assert result.bytes_sent[1] == result.bytes_sent[0] and result.bytes_received[1] == 0
         assert elapsed < 1.5
     finally:
         slow.stop(0)
