@@ -439,7 +439,9 @@ def load_students(path: str | os.PathLike[str], map_location: Any = "cpu") -> Lo
         raise ArtifactError(f"{path}: students checkpoint is malformed ({exc})") from exc
     meta = {k: v for k, v in raw.items() if k not in ("students", "head", "optimizer", "scheduler", "scaler", "rng")}
     meta["students"] = [{k: v for k, v in s.items() if k != "state_dict"} for s in raw["students"]]
-    return LoadedStudents(ensemble.to(map_location).eval(), meta)
+    if isinstance(map_location, (str, torch.device)):
+        ensemble = ensemble.to(map_location)
+    return LoadedStudents(ensemble.eval(), meta)
 
 
 def _rng_state(loader: Any, dropout_gen: torch.Generator) -> dict[str, Any]:
