@@ -1,0 +1,86 @@
+"""Fuzzing the device server: seeded malformed requests, each answered with a proper status.
+
+The generator and runner live in benchmarks/fuzz_server.py (which sends 10,000 requests by
+default); here a smaller seeded run keeps the suite fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2 as pb
+
+pytestmark = pytest.mark.timeout(120)
+
+_BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "fuzz_server.py"
+
+
+def _load_fuzz_module():
+    spec = importlib.util.spec_from_file_location("nonn_fuzz_server", _BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+fuzz = _load_fuzz_module()
+
+
+def test_generator_is_deterministic_and_covers_every_kind():
+    limit = fuzz.message_limit_bytes()
+    first = [(c.method, c.payload, c.kind) for c in fuzz.generate(5, 400, limit)]
+    again = [(c.method, c.payload, c.kind) for c in fuzz.generate(5, 400, limit)]
+    assert first == again
+    assert first != [(c.method, c.payload, c.kind) for c in fuzz.generate(6, 400, limit)]
+    kinds = {kind for _, _, kind in first}
+    assert kinds == {"random_bytes", "mutated", "wrong_fields", "huge_or_empty", "nan_inf", "other_rpc", "good"}
+
+
+def test_seeded_fuzz_every_request_gets_a_status_and_the_server_survives(tmp_path):
+    report = fuzz.run(seed=1, count=3000, workdir=tmp_path)
+    assert report["requests"] == 3000
+    assert report["failures"] == 0, report["failure_examples"]
+    assert report["server_alive"] and report["good_request_after"]
+    # The run reached the server's validation, its size limit, lookups, and the model itself.
+    statuses = report["statuses"]
+    for code in ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"):
+        assert statuses.get(code, 0) > 0, statuses
+    assert report["by_kind"]["nan_inf"] == {"OK": report["by_kind"]["nan_inf"]["OK"]}
+    assert report["rss_growth"] < 0.10, (report["rss_mb_before"], report["rss_mb_after"])
+
+
+def test_undecodable_bytes_are_refused_as_invalid_argument_without_keeping_memory(tmp_path):
+    """grpcio on its own answers INTERNAL and keeps ~19 KB per such request; the server must not."""
+    model = fuzz.tiny_model(tmp_path / "m.onnx")
+    rng = random.Random(0)
+    with fuzz.ServerProcess(model, tmp_path) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            infer = channel.unary_unary(fuzz.SERVICE + "ModelInfer", request_serializer=None, response_deserializer=None)
+            health = channel.unary_unary(fuzz.HEALTH_CHECK, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as err:
+                infer(b"\xff\xff\xff", timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid inference.ModelInferRequest message" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                health(b"\xff\xff\xff", timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            for _ in range(50):  # warm-up
+                with pytest.raises(grpc.RpcError):
+                    infer(b"\xff" + rng.randbytes(200), timeout=5)
+            before = server.rss_mb()
+            for i in range(3000):
+                future = infer.future(b"\xff\xff\xff" + rng.randbytes(200), timeout=10)
+                assert future.code() == grpc.StatusCode.INVALID_ARGUMENT
+            grown = server.rss_mb() - before
+            probe = np.ones((2, *fuzz.INPUT_SHAPE), np.float32)
+            reply = pb.ModelInferResponse.FromString(infer(fuzz.good_request(probe).SerializeToString(), timeout=5))
+            assert list(reply.outputs[0].shape) == [2, fuzz.FEATURES]
+        assert server.alive()
+    # 3000 requests at ~19 KB each would be ~55 MB.
+    assert grown < 10, f"RSS grew {grown:.1f} MB over 3000 undecodable requests"
