@@ -57,7 +57,8 @@ def tiny_head(path: Path, in_features: int, classes: int, seed: int = 1) -> Path
 
 
 def make_certificates(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for localhost/127.0.0.1, a client certificate, and a rogue CA's client certificate."""
+    """A CA, a server certificate for localhost/127.0.0.1, a client certificate, a rogue CA's client
+    certificate, and an expired server and client certificate from the good CA."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -72,15 +73,17 @@ def make_certificates(directory: Path) -> dict[str, Path]:
     def key_pair():
         return ec.generate_private_key(ec.SECP256R1())
 
-    def build(subject, issuer, public_key, signing_key, ca: bool, usage=None, san=None):
+    def build(subject, issuer, public_key, signing_key, ca: bool, usage=None, san=None, expired: bool = False):
+        # An expired certificate was valid for a day that ended an hour ago.
+        end = now - datetime.timedelta(hours=1) if expired else now + datetime.timedelta(days=1)
         b = (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(issuer)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_before(end - datetime.timedelta(days=1, minutes=5))
+            .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         )
         if usage:
@@ -109,8 +112,13 @@ def make_certificates(directory: Path) -> dict[str, Path]:
     write("rogue_ca", rogue_ca, None)
     rogue_client_key = key_pair()
     write("rogue_client", build(name("intruder"), rogue_ca.subject, rogue_client_key.public_key(), rogue_key, False, [ExtendedKeyUsageOID.CLIENT_AUTH]), rogue_client_key)
-    return {stem: directory / f"{stem}.{ext}" for stem in ("ca", "server", "client", "rogue_ca", "rogue_client") for ext in ("pem",)} | {
-        f"{stem}_key": directory / f"{stem}.key" for stem in ("server", "client", "rogue_client")
+    expired_server_key = key_pair()
+    write("expired_server", build(name("localhost"), ca.subject, expired_server_key.public_key(), ca_key, False, [ExtendedKeyUsageOID.SERVER_AUTH], san, expired=True), expired_server_key)
+    expired_client_key = key_pair()
+    write("expired_client", build(name("aggregator"), ca.subject, expired_client_key.public_key(), ca_key, False, [ExtendedKeyUsageOID.CLIENT_AUTH], expired=True), expired_client_key)
+    stems = ("server", "client", "rogue_client", "expired_server", "expired_client")
+    return {stem: directory / f"{stem}.pem" for stem in ("ca", "rogue_ca", *stems)} | {
+        f"{stem}_key": directory / f"{stem}.key" for stem in stems
     }
 
 
