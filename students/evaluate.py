@@ -106,7 +106,7 @@ def masked_accuracy(head: nn.Module, pooled: Sequence[Tensor], labels: Tensor, p
     head_device = next(head.parameters()).device
     vectors = [v if present is None or present[k] else torch.zeros_like(v) for k, v in enumerate(pooled)]
     logits = head(torch.cat(vectors, dim=1).to(head_device)).cpu()
-    return float((logits.argmax(dim=1) == labels).float().mean().item())
+    return int((logits.argmax(dim=1) == labels).sum().item()) / len(labels)
 
 
 def missing_accuracies(
