@@ -48,6 +48,7 @@ from nonn.runtime.tls import ServerTLS
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
+    "DEFAULT_QUEUED_CALLS",
     "DecodeGuard",
     "SERVICE_NAME",
     "BackendUnavailable",
@@ -73,6 +74,9 @@ _MESSAGE_SLACK = 1 << 20
 _FALLBACK_MESSAGE_BYTES = 64 << 20
 # Handler threads beyond the backends' concurrency, for health, metadata and queued requests.
 _SPARE_HANDLERS = 4
+# Calls a server holds beyond its handler threads (waiting for one) before it refuses new ones
+# with RESOURCE_EXHAUSTED: each waiting call keeps its whole request in memory.
+DEFAULT_QUEUED_CALLS = 64
 
 
 class BackendUnavailable(RuntimeError):
@@ -311,7 +315,10 @@ class DeviceServer:
     `port` after start(). Message size limits are derived from the models' tensor shapes and
     batch limit unless `max_message_bytes` is given. Handlers run on a thread pool sized from
     the backends' concurrency plus a few threads so health and metadata calls never wait
-    behind inference. Usable as a context manager (start on enter, stop on exit).
+    behind inference. At most `max_concurrent_rpcs` calls are held at once (default: the handler
+    threads plus DEFAULT_QUEUED_CALLS); beyond that a call is refused with RESOURCE_EXHAUSTED
+    instead of queueing its request in memory without bound. Usable as a context manager
+    (start on enter, stop on exit).
     """
 
     def __init__(
@@ -325,6 +332,7 @@ class DeviceServer:
         grace_s: float = 5.0,
         server_name: str = "nonn",
         handler_threads: int | None = None,
+        max_concurrent_rpcs: int | None = None,
     ) -> None:
         self.backends = [backends] if isinstance(backends, ModelBackend) else list(backends)
         if not self.backends:
@@ -338,6 +346,11 @@ class DeviceServer:
         self.grace_s = grace_s
         self.max_message_bytes = max_message_bytes or message_limit(self.backends)
         self.handler_threads = handler_threads or sum(b.concurrency for b in self.backends) + _SPARE_HANDLERS
+        self.max_concurrent_rpcs = max_concurrent_rpcs or self.handler_threads + DEFAULT_QUEUED_CALLS
+        if self.max_concurrent_rpcs < self.handler_threads:
+            raise ValueError(
+                f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) is below the handler threads ({self.handler_threads})"
+            )
         self.servicer = InferenceServicer(self.backends, server_name)
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
@@ -360,6 +373,7 @@ class DeviceServer:
         server = grpc.server(
             ThreadPoolExecutor(max_workers=self.handler_threads, thread_name_prefix="nonn-rpc"),
             interceptors=[DecodeGuard()],
+            maximum_concurrent_rpcs=self.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
