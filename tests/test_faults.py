@@ -23,7 +23,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from nonn.runtime.aggregator import Aggregator
-from nonn.runtime.server import DeviceServer, InferenceServicer, student_backend
+from nonn.runtime.codec import TensorSpec
+from nonn.runtime.server import DEFAULT_QUEUED_CALLS, DeviceServer, InferenceServicer, InferOutput, ModelBackend, student_backend
 
 from runtime_testing import make_bundle, reference_logits, started
 
@@ -300,3 +301,36 @@ def test_a_device_with_a_bad_reply_is_counted_missing(bundle, devices, kind, wor
         np.testing.assert_allclose(result.logits, reference_logits(bundle, images(2), missing={1}), rtol=1e-5, atol=1e-5)
     finally:
         liar.stop(0)
+
+
+class SleepyBackend(ModelBackend):
+    """Answers zeros after `delay_s`: a device that is busy with every call."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.name = "student_0"
+        self.inputs = [TensorSpec("input", "FP32", (-1, *SHAPE))]
+        self.outputs = [TensorSpec("features", "FP32", (-1, 3))]
+        self.delay_s = delay_s
+        self.concurrency = 2
+
+    def infer(self, inputs, outputs):
+        time.sleep(self.delay_s)
+        return InferOutput({"features": np.zeros((len(inputs["input"]), 3), np.float32)})
+
+
+def test_a_flood_of_calls_is_refused_beyond_the_cap_instead_of_queued_in_memory():
+    assert DeviceServer(SleepyBackend(0)).max_concurrent_rpcs == 2 + 4 + DEFAULT_QUEUED_CALLS
+    server = started(DeviceServer(SleepyBackend(0.5), handler_threads=2, max_concurrent_rpcs=5))
+    try:
+        request = pb.ModelInferRequest(model_name="student_0")
+        request.inputs.add(name="input", datatype="FP32", shape=[1, *SHAPE])
+        request.raw_input_contents.append(images(1).tobytes())
+        with grpc.insecure_channel(server.address) as channel:
+            infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            calls = [infer.future(request, timeout=10) for _ in range(20)]
+            codes = [call.code() for call in calls]
+            assert codes.count(grpc.StatusCode.OK) == 5
+            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 15
+            assert list(infer(request, timeout=10).outputs[0].shape) == [1, 3]  # and it serves again
+    finally:
+        server.stop(0)
