@@ -32,3 +32,25 @@ def add_torch_device_arg(parser: argparse.ArgumentParser) -> None:
 
 def add_seed_arg(parser: argparse.ArgumentParser, default: int = 0) -> None:
     parser.add_argument("--seed", type=int, default=default, help=f"random seed (default: {default})")
+
+
+def _number_type(convert: type, minimum: float, inclusive: bool, what: str):
+    """An argparse `type=` that converts and checks a lower bound, naming the bad value."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value >= minimum if inclusive else value > minimum):  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number_type(int, 1, True, "a positive integer")
+non_negative_int = _number_type(int, 0, True, "an integer >= 0")
+positive_float = _number_type(float, 0.0, False, "a positive number")
+non_negative_float = _number_type(float, 0.0, True, "a number >= 0")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nonn.cli import CLIError
-from nonn.cli.common import add_seed_arg
+from nonn.cli.common import add_seed_arg, non_negative_int, positive_int
 
 EPILOG = """\
 examples:
@@ -76,12 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="nonn-demo", help="directory for every artifact (default: nonn-demo)")
     p.add_argument("--dataset", default="digits", choices=sorted(PRESETS), help="data set (default: digits)")
     p.add_argument("--data-dir", default=None, help="directory of the data set's files (default: its standard location)")
-    p.add_argument("--students", type=int, default=4, help="number of students / devices K (default: 4)")
+    p.add_argument("--students", type=positive_int, default=4, help="number of students / devices K (default: 4)")
     p.add_argument("--devices", default=None, help="device profiles to simulate (default: rpi3b+:K)")
     p.add_argument("--teacher", default=None, help="reuse this teacher checkpoint instead of training one")
-    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: the data set's preset)")
-    p.add_argument("--student-epochs", type=int, default=None, help="student epochs (default: the data set's preset)")
-    p.add_argument("--requests", type=int, default=None, help="requests to simulate (default: the whole test split for digits)")
+    p.add_argument("--teacher-epochs", type=positive_int, default=None, help="teacher epochs (default: the data set's preset)")
+    p.add_argument("--student-epochs", type=positive_int, default=None, help="student epochs (default: the data set's preset)")
+    p.add_argument("--requests", type=non_negative_int, default=None, help="requests to simulate (default: the whole test split for digits)")
     p.add_argument("--no-fault", action="store_true", help="do not kill a device during the simulation")
     p.add_argument("--reuse", action="store_true", help="keep artifacts already in --out and run only the missing stages")
     add_seed_arg(p)

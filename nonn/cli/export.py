@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from nonn.cli.common import non_negative_int, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -19,9 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
     p.add_argument("--quantize", choices=["int8"], default=None, help="static int8 quantization of the students, calibrated on training images")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's default, at least 17)")
-    p.add_argument("--calibration-images", type=int, default=256, help="training images for int8 calibration (default: 256)")
-    p.add_argument("--parity-images", type=int, default=64, help="test images for the ONNX Runtime vs PyTorch parity check (default: 64)")
-    p.add_argument("--eval-images", type=int, default=2000, help="test images for the accuracy report (default: 2000; 0 skips it)")
+    p.add_argument("--calibration-images", type=positive_int, default=256, help="training images for int8 calibration (default: 256)")
+    p.add_argument("--parity-images", type=positive_int, default=64, help="test images for the ONNX Runtime vs PyTorch parity check (default: 64)")
+    p.add_argument("--eval-images", type=non_negative_int, default=2000, help="test images for the accuracy report (default: 2000; 0 skips it)")
     p.add_argument("--dataset", default=None, help="data set for parity, calibration and accuracy (default: the one the students were trained on)")
     p.add_argument("--data-dir", default=None, help="directory of the data set's files (default: its standard location)")
     p.add_argument("--no-overwrite", action="store_true", help="fail if --out exists instead of replacing it")

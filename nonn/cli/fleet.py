@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nonn.cli import CLIError
-from nonn.cli.common import add_data_args, add_seed_arg
+from nonn.cli.common import add_data_args, add_seed_arg, non_negative_float, non_negative_int, positive_float, positive_int
 
 SIMULATE_EPILOG = """\
 faults (--kill, repeatable):
@@ -28,46 +28,6 @@ example:
   nonn simulate --bundle runs/bundle --devices rpi3b+:4 --dataset fashion-mnist \\
       --requests 2000 --concurrency 8 --kill 1@2:3 --json sim.json --report sim.html
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -94,26 +54,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_args(s, default="digits")
     s.add_argument("--split", choices=("test", "train"), default="test", help="which split to stream (default: test)")
     run = s.add_argument_group("stream")
-    run.add_argument("--requests", type=_non_negative_int, default=1000,
+    run.add_argument("--requests", type=non_negative_int, default=1000,
                      help="requests to send, cycling over the images; 0 = every image once (default: 1000)")
-    run.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight at once (default: 4)")
-    run.add_argument("--batch-size", type=_positive_int, default=1, help="images per request (default: 1)")
-    run.add_argument("--rate", type=_positive_float, default=None,
+    run.add_argument("--concurrency", type=positive_int, default=4, help="requests in flight at once (default: 4)")
+    run.add_argument("--batch-size", type=positive_int, default=1, help="images per request (default: 1)")
+    run.add_argument("--rate", type=positive_float, default=None,
                      help="send at this many requests per second (open loop; default: as fast as --concurrency allows)")
-    run.add_argument("--duration", type=_non_negative_float, default=0.0,
+    run.add_argument("--duration", type=non_negative_float, default=0.0,
                      help="stream for at least this many seconds (default: 0)")
     run.add_argument("--kill", action="append", default=[], metavar="DEVICE@SECONDS[:RESTART]",
                      help="kill a device during the stream, optionally restarting it (repeatable; see below)")
-    run.add_argument("--recovery", type=_non_negative_float, default=1.0,
+    run.add_argument("--recovery", type=non_negative_float, default=1.0,
                      help="seconds to keep streaming after the last fault event (default: 1)")
-    run.add_argument("--deadline", type=_positive_float, default=1.0,
+    run.add_argument("--deadline", type=positive_float, default=1.0,
                      help="seconds a device has to answer, retries included (default: 1.0)")
-    run.add_argument("--retries", type=_non_negative_int, default=2, help="extra attempts on UNAVAILABLE (default: 2)")
+    run.add_argument("--retries", type=non_negative_int, default=2, help="extra attempts on UNAVAILABLE (default: 2)")
     run.add_argument("--strict", action="store_true",
                      help="a request fails (is lost) when any device misses it, instead of a degraded answer")
     run.add_argument("--network", choices=("auto", "netns", "delay", "none"), default="auto",
                      help="network emulation (default: auto; see below)")
-    run.add_argument("--startup-timeout", type=_positive_float, default=60.0,
+    run.add_argument("--startup-timeout", type=positive_float, default=60.0,
                      help="seconds each device has to report SERVING (default: 60)")
     add_seed_arg(s)
     teacher = s.add_argument_group("teacher (for agreement)")

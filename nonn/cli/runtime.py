@@ -11,16 +11,17 @@ import sys
 from pathlib import Path
 
 from nonn.cli import CLIError
+from nonn.cli.common import non_negative_float, non_negative_int, positive_float, positive_int
 
 DEFAULT_PORT = 8001
 
 
 def _add_aggregator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", help="one host:port per student, in student order, comma-separated")
-    p.add_argument("--deadline", type=float, default=1.0, help="seconds a device has to answer, retries included (default: 1.0)")
-    p.add_argument("--retries", type=int, default=2, help="extra attempts when a device is UNAVAILABLE (default: 2)")
+    p.add_argument("--deadline", type=positive_float, default=1.0, help="seconds a device has to answer, retries included (default: 1.0)")
+    p.add_argument("--retries", type=non_negative_int, default=2, help="extra attempts when a device is UNAVAILABLE (default: 2)")
     p.add_argument("--strict", action="store_true", help="fail a request when any device misses it (default: answer with zeros for that student)")
-    p.add_argument("--max-batch", type=int, default=64, help="largest batch per request (default: 64)")
+    p.add_argument("--max-batch", type=positive_int, default=64, help="largest batch per request (default: 64)")
 
 
 def _add_client_tls_args(p: argparse.ArgumentParser, prefix: str, who: str) -> None:
@@ -48,21 +49,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--aggregate", action="store_true", help="serve the whole ensemble of --bundle (needs --devices)")
     net = s.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; 0.0.0.0 for all interfaces)")
-    net.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)")
-    net.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
-    net.add_argument("--workers", type=int, default=1, help="requests run by ONNX Runtime at once (default: 1)")
-    net.add_argument("--max-batch", type=int, default=64, help="largest batch accepted per request (default: 64)")
-    net.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight requests on SIGTERM (default: 5)")
+    net.add_argument("--port", type=non_negative_int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)")
+    net.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
+    net.add_argument("--workers", type=positive_int, default=1, help="requests run by ONNX Runtime at once (default: 1)")
+    net.add_argument("--max-batch", type=positive_int, default=64, help="largest batch accepted per request (default: 64)")
+    net.add_argument("--grace", type=non_negative_float, default=5.0, help="seconds to finish in-flight requests on SIGTERM (default: 5)")
     net.add_argument("--ready-file", default=None, help="write {host, port, pid, models} as JSON here once serving (removed on exit)")
     net.add_argument("--tls-cert", default=None, help="server certificate (PEM); with --tls-key turns on TLS")
     net.add_argument("--tls-key", default=None, help="server private key (PEM)")
     net.add_argument("--tls-client-ca", default=None, help="CA (PEM) that client certificates must chain to: mutual TLS")
     agg = s.add_argument_group("ensemble (--aggregate)")
     agg.add_argument("--devices", default=None, help="one host:port per student, in student order, comma-separated")
-    agg.add_argument("--deadline", type=float, default=1.0, help="seconds a device has to answer, retries included (default: 1.0)")
-    agg.add_argument("--retries", type=int, default=2, help="extra attempts when a device is UNAVAILABLE (default: 2)")
+    agg.add_argument("--deadline", type=positive_float, default=1.0, help="seconds a device has to answer, retries included (default: 1.0)")
+    agg.add_argument("--retries", type=non_negative_int, default=2, help="extra attempts when a device is UNAVAILABLE (default: 2)")
     agg.add_argument("--strict", action="store_true", help="fail a request when any device misses it")
-    agg.add_argument("--coalesce", type=int, default=1, help="merge requests that queue up under load into one device call of up to N images (default: 1, off)")
+    agg.add_argument("--coalesce", type=positive_int, default=1, help="merge requests that queue up under load into one device call of up to N images (default: 1, off)")
     _add_client_tls_args(agg, "device-tls", "devices")
     s.set_defaults(func=_serve)
 
@@ -77,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--input", required=True, help=".npy of images (N,C,H,W / N,H,W,C / N,H,W; uint8 or floats in [0,1]) or .npz with x (and y)")
     i.add_argument("--labels", default=None, help=".npy of integer labels, to report accuracy")
     i.add_argument("--preprocessed", action="store_true", help="the input is already normalised (skip the bundle's mean/std)")
-    i.add_argument("--batch-size", type=int, default=32, help="images per request (default: 32)")
+    i.add_argument("--batch-size", type=positive_int, default=32, help="images per request (default: 32)")
     i.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_aggregator_args(i)
     _add_client_tls_args(i, "tls", "devices")

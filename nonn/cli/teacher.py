@@ -6,7 +6,7 @@ import argparse
 import json
 
 from nonn.cli import CLIError
-from nonn.cli.common import DATASET_HELP, add_data_args, add_seed_arg, add_torch_device_arg
+from nonn.cli.common import DATASET_HELP, add_data_args, add_seed_arg, add_torch_device_arg, positive_int
 
 TRAIN_EPILOG = """\
 examples:
@@ -21,13 +21,6 @@ JSON object per epoch: epoch, train_loss, train_acc, test_loss, test_acc, lr, se
 """
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train-teacher",
@@ -38,10 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_data_args(train)
     train.add_argument("--arch", default="wrn-16-2", help="model name: wrn-D-K (D = 6n + 4) or cnn-small (default: wrn-16-2)")
-    train.add_argument("--width", type=_positive_int, default=None, help="base width of the model (WRN default 16, cnn-small 32)")
+    train.add_argument("--width", type=positive_int, default=None, help="base width of the model (WRN default 16, cnn-small 32)")
     train.add_argument("--dropout", type=float, default=None, help="dropout inside each block / before the classifier (default: none)")
-    train.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train (default: 10)")
-    train.add_argument("--batch-size", type=_positive_int, default=128, help="mini-batch size (default: 128)")
+    train.add_argument("--epochs", type=positive_int, default=10, help="epochs to train (default: 10)")
+    train.add_argument("--batch-size", type=positive_int, default=128, help="mini-batch size (default: 128)")
     train.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate (default: 0.1)")
     train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     train.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (default: 5e-4)")
@@ -54,8 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out (same settings required)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out instead of refusing")
     train.add_argument("--log", default=None, help="JSON-lines file with one record per epoch")
-    train.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images of each split (quick trials)")
-    train.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--limit", type=positive_int, default=None, help="use only the first N images of each split (quick trials)")
+    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=run_train_teacher)
 
@@ -69,8 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--weights", default=None, help="state_dict file (or nonn checkpoint) for --teacher-factory")
     evaluate.add_argument("--dataset", default=None, help=DATASET_HELP + " (default: the one the teacher was trained on)")
     evaluate.add_argument("--data-dir", default=None, help="directory holding a named data set's files")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="batch size (default: 256)")
-    evaluate.add_argument("--limit", type=_positive_int, default=None, help="only the first N test images")
+    evaluate.add_argument("--batch-size", type=positive_int, default=256, help="batch size (default: 256)")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="only the first N test images")
     add_torch_device_arg(evaluate)
     evaluate.set_defaults(func=run_eval_teacher)
 
