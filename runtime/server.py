@@ -154,6 +154,20 @@ def _config_dims(spec: TensorSpec) -> list[int]:
     return list(spec.shape[1:] if spec.batched else spec.shape)
 
 
+def _not_supported(method: str):
+    """A handler that answers UNIMPLEMENTED with a message.
+
+    The generated servicer's default raises NotImplementedError, which gRPC logs with a full
+    traceback for every call: any peer could flood a device's log with them.
+    """
+
+    def handler(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not supported by this server")
+
+    handler.__name__ = method
+    return handler
+
+
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """`inference.GRPCInferenceService` over a set of ModelBackends (usually exactly one)."""
 
@@ -257,6 +271,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         for key, value in result.parameters.items():
             response.parameters[key].CopyFrom(make_parameter(value))
         return response
+
+    # -- optional parts of the protocol this server does not offer ----------------------------
+    ModelStreamInfer = _not_supported("ModelStreamInfer")
+    ModelStatistics = _not_supported("ModelStatistics")
+    RepositoryIndex = _not_supported("RepositoryIndex")
+    RepositoryModelLoad = _not_supported("RepositoryModelLoad")
+    RepositoryModelUnload = _not_supported("RepositoryModelUnload")
+    SystemSharedMemoryStatus = _not_supported("SystemSharedMemoryStatus")
+    SystemSharedMemoryRegister = _not_supported("SystemSharedMemoryRegister")
+    SystemSharedMemoryUnregister = _not_supported("SystemSharedMemoryUnregister")
+    CudaSharedMemoryStatus = _not_supported("CudaSharedMemoryStatus")
+    CudaSharedMemoryRegister = _not_supported("CudaSharedMemoryRegister")
+    CudaSharedMemoryUnregister = _not_supported("CudaSharedMemoryUnregister")
+    TraceSetting = _not_supported("TraceSetting")
+    LogSettings = _not_supported("LogSettings")
 
 
 class _UndecodableRequest:
