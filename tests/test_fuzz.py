@@ -84,3 +84,32 @@ def test_undecodable_bytes_are_refused_as_invalid_argument_without_keeping_memor
         assert server.alive()
     # 3000 requests at ~19 KB each would be ~55 MB.
     assert grown < 10, f"RSS grew {grown:.1f} MB over 3000 undecodable requests"
+
+
+def test_unsupported_methods_answer_unimplemented_without_flooding_the_log(tmp_path):
+    """Each call to a method the server does not offer must not leave a traceback in its log."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    model = fuzz.tiny_model(tmp_path / "m.onnx")
+    with fuzz.ServerProcess(model, tmp_path) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            calls = [
+                (stub.ModelStatistics, pb.ModelStatisticsRequest(name=fuzz.MODEL_NAME)),
+                (stub.RepositoryIndex, pb.RepositoryIndexRequest()),
+                (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=fuzz.MODEL_NAME)),
+                (stub.SystemSharedMemoryRegister, pb.SystemSharedMemoryRegisterRequest(name="x", key="/x", byte_size=1 << 30)),
+                (stub.LogSettings, pb.LogSettingsRequest()),
+            ]
+            for _ in range(20):
+                for call, request in calls:
+                    with pytest.raises(grpc.RpcError) as err:
+                        call(request, timeout=5)
+                    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+                    assert "not supported by this server" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.ModelStreamInfer(iter([fuzz.good_request(np.ones((1, *fuzz.INPUT_SHAPE), np.float32))]), timeout=5))
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert server.alive()
+    log = server.log.read_text()
+    assert "Traceback" not in log and "NotImplementedError" not in log, log[-2000:]
