@@ -10,9 +10,17 @@ DATASET_HELP = (
 )
 
 
-def add_data_args(parser: argparse.ArgumentParser, default: str | None = "digits") -> None:
-    """--dataset and --data-dir, as every command that reads images takes them."""
-    parser.add_argument("--dataset", default=default, required=default is None, help=DATASET_HELP + f" (default: {default})")
+def add_data_args(parser: argparse.ArgumentParser, default: str | None = "digits", *, fallback: str | None = None) -> None:
+    """--dataset and --data-dir, as every command that reads images takes them.
+
+    `default=None` makes --dataset required, unless `fallback` describes what the command uses
+    when it is left out (e.g. "the data set the teacher was trained on"); then it is None.
+    """
+    if fallback is not None:
+        parser.add_argument("--dataset", default=None, help=DATASET_HELP + f" (default: {fallback})")
+    else:
+        parser.add_argument("--dataset", default=default, required=default is None,
+                            help=DATASET_HELP + ("" if default is None else f" (default: {default})"))
     parser.add_argument(
         "--data-dir",
         default=None,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nonn.cli import CLIError
-from nonn.cli.common import add_data_args, add_seed_arg, add_torch_device_arg
+from nonn.cli.common import add_data_args, add_seed_arg, add_torch_device_arg, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,14 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="module whose output is the final conv feature map (default: the model's "
         "feature_layer); an unknown name lists the valid ones",
     )
-    add_data_args(part)
-    # Without --dataset, a teacher checkpoint's own data set is used (digits otherwise).
-    part.set_defaults(dataset=None)
+    add_data_args(part, fallback="the teacher checkpoint's data set, else digits")
     part.add_argument(
         "--split", choices=("train", "test"), default="train", help="images to run (default: train)"
     )
-    part.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
-    part.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    part.add_argument("--limit", type=positive_int, default=None, help="use only the first N images of the split")
+    part.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default: 256)")
     add_torch_device_arg(part)
     part.add_argument("--top-k", type=int, default=50, help="filters kept per image in the FAN (default: 50)")
     part.add_argument("--students", "-K", type=int, required=True, help="number of students K (2..filters)")

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from nonn.cli import CLIError
-from nonn.cli.common import DATASET_HELP, add_data_args, add_seed_arg, add_torch_device_arg, positive_int
+from nonn.cli.common import add_data_args, add_seed_arg, add_torch_device_arg, positive_int
 
 TRAIN_EPILOG = """\
 examples:
@@ -60,8 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--teacher", default=None, help="nonn teacher checkpoint (nonn.teacher/1)")
     evaluate.add_argument("--teacher-factory", default=None, help="package.module:function returning your nn.Module")
     evaluate.add_argument("--weights", default=None, help="state_dict file (or nonn checkpoint) for --teacher-factory")
-    evaluate.add_argument("--dataset", default=None, help=DATASET_HELP + " (default: the one the teacher was trained on)")
-    evaluate.add_argument("--data-dir", default=None, help="directory holding a named data set's files")
+    add_data_args(evaluate, fallback="the one the teacher was trained on")
     evaluate.add_argument("--batch-size", type=positive_int, default=256, help="batch size (default: 256)")
     evaluate.add_argument("--limit", type=positive_int, default=None, help="only the first N test images")
     add_torch_device_arg(evaluate)
