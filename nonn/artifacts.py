@@ -8,10 +8,13 @@ failed validation leaves the previous artifact intact. Pure standard library (no
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,6 +32,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_directory",
+    "exchange_paths",
     "sha256_file",
     "read_json_artifact",
 ]
@@ -98,6 +102,11 @@ def atomic_directory(dest: str | os.PathLike[str], overwrite: bool = True) -> It
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if dest.exists() and exchange_paths(tmp, dest):
+        # One step: dest now holds the new tree, tmp the old one.
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    # Fallback where an atomic swap is not available: a short window with dest missing.
     old = None
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
@@ -111,6 +120,29 @@ def atomic_directory(dest: str | os.PathLike[str], overwrite: bool = True) -> It
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange_paths(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE).
+
+    Returns False where the platform or file system cannot, so callers fall back.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

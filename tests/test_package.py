@@ -74,3 +74,28 @@ def test_atomic_directory_failure_keeps_previous(tmp_path):
             raise RuntimeError("boom")
     assert sorted(p.name for p in dest.iterdir()) == ["old"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_exchange_paths_swaps_two_directories_in_one_step(tmp_path):
+    from nonn.artifacts import exchange_paths
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "from_a").write_text("a")
+    (b / "from_b").write_text("b")
+    if not exchange_paths(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    assert [p.name for p in a.iterdir()] == ["from_b"]
+    assert [p.name for p in b.iterdir()] == ["from_a"]
+
+
+def test_atomic_directory_replaces_an_existing_bundle_whole(tmp_path):
+    from nonn.artifacts import atomic_directory
+
+    dest = tmp_path / "bundle"
+    for version in ("1", "2"):
+        with atomic_directory(dest) as d:
+            (d / f"v{version}").write_text(version)
+    assert [p.name for p in dest.iterdir()] == ["v2"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
