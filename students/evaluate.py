@@ -178,7 +178,8 @@ def evaluate_students(
     """Load a students checkpoint, evaluate it on a data set's test split (and the teacher, if given)."""
     from nonn.students.data import load_dataset
     from nonn.students.loader import make_loader
-    from nonn.students.train import check_dataset_matches, load_students, resolve_device
+    from nonn.students.teacher import resolve_device
+    from nonn.students.train import check_dataset_matches, load_students
 
     dev = resolve_device(device)
     loaded = load_students(students_path, map_location="cpu")

@@ -42,6 +42,7 @@ from nonn.students.ensemble import (
 )
 from nonn.students.evaluate import evaluate_ensemble, student_name
 from nonn.students.losses import KDLoss, make_transfer_loss
+from nonn.students.teacher import resolve_device
 
 __all__ = [
     "FORMAT",
@@ -152,19 +153,6 @@ class LoadedStudents:
 
 # ----------------------------------------------------------------------------------------------
 # Devices and distributed set-up
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else must be a valid, present device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 @dataclass

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from nonn.cli.common import add_data_args, add_seed_arg, add_torch_device_arg
+from nonn.cli.common import add_data_args, add_seed_arg, add_torch_device_arg, positive_int
 
 TRAIN_EPILOG = """\
 examples:
@@ -25,13 +25,6 @@ The checkpoint (format nonn.students/1) is written atomically after every epoch,
 metrics log beside it (<out>.metrics.jsonl: loss terms, train/test accuracy, accuracy with
 each student zeroed). After a kill, the same command with --resume continues exactly.
 """
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def _add_teacher_args(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -56,15 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--arch", default="wrn-16-1",
                        help="student backbone for every student, or a comma list with one per student; options as "
                             "NAME:key=value, e.g. wrn-10-1:width=8 (default: wrn-16-1)")
-    train.add_argument("--students", type=_positive_int, default=None, help="expected number of students K (checked against the partition)")
-    train.add_argument("--epochs", type=_positive_int, default=10, help="epochs (default: 10)")
-    train.add_argument("--batch-size", type=_positive_int, default=128, help="global mini-batch size (default: 128)")
+    train.add_argument("--students", type=positive_int, default=None, help="expected number of students K (checked against the partition)")
+    train.add_argument("--epochs", type=positive_int, default=10, help="epochs (default: 10)")
+    train.add_argument("--batch-size", type=positive_int, default=128, help="global mini-batch size (default: 128)")
     train.add_argument("--lr", type=float, default=0.05, help="initial SGD learning rate (default: 0.05)")
     train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     train.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: 5e-4)")
     train.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
                        help="learning-rate schedule per epoch: cosine to zero, or StepLR (default: cosine)")
-    train.add_argument("--step-size", type=_positive_int, default=20, help="StepLR step in epochs (default: 20, the prototype's)")
+    train.add_argument("--step-size", type=positive_int, default=20, help="StepLR step in epochs (default: 20, the prototype's)")
     train.add_argument("--gamma", type=float, default=0.2, help="StepLR factor (default: 0.2)")
     train.add_argument("--alpha", type=float, default=0.9, help="KD weight alpha (default: 0.9)")
     train.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default: 4)")
@@ -79,15 +72,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="train an ablation instead: one student of the same size with KD only; a random partition "
                             "with the same group sizes; or no activation transfer")
     add_seed_arg(train)
-    train.add_argument("--limit", type=_positive_int, default=None, help="use only the first N training images")
-    train.add_argument("--eval-limit", type=_positive_int, default=None, help="evaluate on only the first N test images")
+    train.add_argument("--limit", type=positive_int, default=None, help="use only the first N training images")
+    train.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on only the first N test images")
     add_torch_device_arg(train)
     train.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
     train.add_argument("--out", required=True, help="students checkpoint to write (e.g. runs/fmnist/students.pt)")
     train.add_argument("--metrics", default=None, help="JSON-lines metrics file (default: <out>.metrics.jsonl)")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out (same settings required)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out instead of refusing")
-    train.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=run_train_students)
 
@@ -100,8 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--students", required=True, help="students checkpoint (nonn.students/1)")
     add_data_args(evaluate, default=None)
     _add_teacher_args(evaluate, required=False)
-    evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="batch size (default: 256)")
-    evaluate.add_argument("--limit", type=_positive_int, default=None, help="only the first N test images")
+    evaluate.add_argument("--batch-size", type=positive_int, default=256, help="batch size (default: 256)")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="only the first N test images")
     evaluate.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=None,
                           help="also report each pair of students missing (default: when K >= 4)")
     add_torch_device_arg(evaluate)
