@@ -191,3 +191,24 @@ def started(server):
     """Start a DeviceServer and return it (its `address` is then known)."""
     server.start()
     return server
+
+
+def start_device_servers(bundle) -> list:
+    """One started DeviceServer per student of `bundle` (stop them with server.stop(0))."""
+    from nonn.runtime.server import DeviceServer, student_backend
+
+    return [started(DeviceServer(student_backend(bundle, s.name))) for s in bundle.students]
+
+
+def random_images(n: int, shape, seed: int = 0) -> np.ndarray:
+    """A seeded float32 batch of `n` inputs of `shape` (C, H, W)."""
+    return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (at the moment of asking)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

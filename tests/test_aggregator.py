@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from nonn.runtime.aggregator import AggregationError, Aggregator, AggregatorBack
 from nonn.runtime.onnx_model import OnnxModel
 from nonn.runtime.server import DeviceServer, InferenceServicer, InferOutput, ModelBackend, OnnxBackend, student_backend
 
-from runtime_testing import started, make_bundle, reference_logits, tiny_student
+from runtime_testing import free_port, make_bundle, random_images, reference_logits, start_device_servers, started, tiny_student
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -36,20 +35,15 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def devices(bundle):
-    servers = [started(DeviceServer(student_backend(bundle, s.name))) for s in bundle.students]
+    servers = start_device_servers(bundle)
     yield servers
     for server in servers:
         server.stop(0)
 
 
 def batch(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(n, *SHAPE)).astype(np.float32)
+    return random_images(n, SHAPE, seed)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_results_equal_in_process_onnx_runtime(bundle, devices):

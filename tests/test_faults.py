@@ -26,7 +26,7 @@ from nonn.runtime.aggregator import Aggregator
 from nonn.runtime.codec import TensorSpec
 from nonn.runtime.server import DEFAULT_QUEUED_CALLS, DeviceServer, InferenceServicer, InferOutput, ModelBackend, student_backend
 
-from runtime_testing import make_bundle, reference_logits, started
+from runtime_testing import free_port, make_bundle, random_images, reference_logits, start_device_servers, started
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,20 +42,15 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def devices(bundle):
-    servers = [started(DeviceServer(student_backend(bundle, s.name))) for s in bundle.students]
+    servers = start_device_servers(bundle)
     yield servers
     for server in servers:
         server.stop(0)
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(n, *SHAPE)).astype(np.float32)
+    return random_images(n, SHAPE, seed)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def infer_request(x: np.ndarray) -> pb.ModelInferRequest:
