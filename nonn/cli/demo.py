@@ -42,7 +42,7 @@ class DemoPreset:
 
 
 PRESETS: dict[str, DemoPreset] = {
-    "digits": DemoPreset("wrn-16-2", 12, "wrn-10-1:width=8", 15, 0.1, 0, "1@1:2"),
+    "digits": DemoPreset("wrn-16-2", 10, "wrn-10-1:width=8", 10, 0.1, 0, "1@1:2"),
     "fashion-mnist": DemoPreset("wrn-16-2", 2, "wrn-10-1:width=8", 2, 0.1, 2000, "1@2:3"),
     "mnist": DemoPreset("wrn-16-2", 2, "wrn-10-1:width=8", 2, 0.1, 2000, "1@2:3"),
 }
