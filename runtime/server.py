@@ -305,8 +305,22 @@ class DecodeGuard(grpc.ServerInterceptor):
     which releases the call like any other refused request.
     """
 
+    def __init__(self) -> None:
+        # The guarded handler of each method is built once, not on every call.
+        self._guarded: dict[str, Any] = {}
+
     def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is not None:
+            return cached
+        handler = self._guard(continuation(handler_call_details))
+        if handler is not None:
+            self._guarded[method] = handler
+        return handler
+
+    @staticmethod
+    def _guard(handler):
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
         deserialize = handler.request_deserializer
