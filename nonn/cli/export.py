@@ -63,11 +63,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from nonn.students.export import export_from_checkpoint
 
-    if args.calibration_images < 1 or args.parity_images < 1 or args.eval_images < 0:
-        raise ValueError(
-            f"--calibration-images ({args.calibration_images}) and --parity-images ({args.parity_images}) must be >= 1, "
-            f"--eval-images ({args.eval_images}) >= 0"
-        )
     bundle = export_from_checkpoint(
         args.students,
         args.out,

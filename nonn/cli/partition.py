@@ -141,10 +141,6 @@ def _teacher_fan(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], di
 
     if args.teacher and args.weights:
         raise CLIError("--weights goes with --teacher-factory; --teacher already holds the weights")
-    if args.limit is not None and args.limit < 1:
-        raise CLIError(f"--limit must be a positive number of images, got {args.limit}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
     device = resolve_device(args.device)
     loaded = load_teacher(args.teacher, factory=args.teacher_factory, weights=args.weights, map_location=device)
     layer = args.layer or loaded.feature_layer

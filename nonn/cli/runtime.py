@@ -99,25 +99,13 @@ def _client_tls(args: argparse.Namespace, prefix: str):
     )
 
 
-def _check_common(args: argparse.Namespace) -> None:
-    if args.max_batch < 1:
-        raise CLIError(f"--max-batch must be at least 1, got {args.max_batch}")
-    if getattr(args, "deadline", 1.0) <= 0:
-        raise CLIError(f"--deadline must be positive, got {args.deadline}")
-    if getattr(args, "retries", 0) < 0:
-        raise CLIError(f"--retries must be 0 or more, got {args.retries}")
-
-
 def _serve(args: argparse.Namespace) -> int:
     from nonn.runtime.onnx_model import OnnxModel
     from nonn.runtime.server import OnnxBackend, serve_backends, student_backend
     from nonn.runtime.tls import ServerTLS
 
-    _check_common(args)
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port must be in 0..65535, got {args.port}")
-    if args.threads < 1 or args.workers < 1:
-        raise CLIError(f"--threads and --workers must be at least 1, got {args.threads} and {args.workers}")
     tls = ServerTLS.from_args(args.tls_cert, args.tls_key, args.tls_client_ca)
     if args.aggregate:
         from nonn.runtime.aggregator import Aggregator, AggregatorBackend
@@ -184,10 +172,9 @@ def _infer(args: argparse.Namespace) -> int:
     from nonn.runtime.aggregator import Aggregator, preprocess_images
     from nonn.runtime.bundle import Bundle
 
-    _check_common(args)
     if args.devices is None:
         raise CLIError("--devices host:port,... is required (one per student, in student order)")
-    if args.batch_size < 1 or args.batch_size > args.max_batch:
+    if args.batch_size > args.max_batch:
         raise CLIError(f"--batch-size must be in 1..{args.max_batch} (--max-batch), got {args.batch_size}")
     bundle = Bundle.load(args.bundle)
     images, labels = _load_images(args.input)
