@@ -122,8 +122,13 @@ def make_certificates(directory: Path) -> dict[str, Path]:
     }
 
 
-def make_bundle(directory: Path, feature_sizes=(3, 2, 4, 3), input_shape=(1, 4, 4), classes: int = 5):
-    """A complete nonn.bundle/1 directory of tiny models; returns the loaded Bundle."""
+def make_bundle(directory: Path, feature_sizes=(3, 2, 4, 3), input_shape=(1, 4, 4), classes: int = 5, *,
+                seed: int = 0, mean: float = 0.5, std: float = 0.25, teacher=None):
+    """A complete nonn.bundle/1 directory of tiny models; returns the loaded Bundle.
+
+    Student k's weights come from seed + k, the head's from seed + 1; `teacher` is an optional
+    TeacherSummary for the planner's comparisons.
+    """
     from nonn.artifacts import sha256_file
     from nonn.runtime.bundle import Bundle, ModelEntry, Preprocessing, StudentEntry, TensorSpec
 
@@ -131,7 +136,7 @@ def make_bundle(directory: Path, feature_sizes=(3, 2, 4, 3), input_shape=(1, 4, 
     students = []
     offset = 0
     for k, size in enumerate(feature_sizes):
-        path = tiny_student(directory / f"student_{k}.onnx", size, input_shape, seed=k)
+        path = tiny_student(directory / f"student_{k}.onnx", size, input_shape, seed=seed + k)
         students.append(
             StudentEntry(
                 name=f"student_{k}",
@@ -148,7 +153,7 @@ def make_bundle(directory: Path, feature_sizes=(3, 2, 4, 3), input_shape=(1, 4, 
             )
         )
         offset += size
-    head_path = tiny_head(directory / "head.onnx", offset, classes)
+    head_path = tiny_head(directory / "head.onnx", offset, classes, seed=seed + 1)
     head = ModelEntry(
         name="head",
         file=head_path.name,
@@ -163,8 +168,9 @@ def make_bundle(directory: Path, feature_sizes=(3, 2, 4, 3), input_shape=(1, 4, 
     bundle = Bundle(
         students=students,
         head=head,
-        preprocessing=Preprocessing(mean=[0.5] * c, std=[0.25] * c, input_shape=list(input_shape)),
+        preprocessing=Preprocessing(mean=[mean] * c, std=[std] * c, input_shape=list(input_shape)),
         class_names=[f"class{i}" for i in range(classes)],
+        teacher=teacher,
         triton_repository_dir=None,
         root=directory,
     )
@@ -212,3 +218,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def server_live(address: str, credentials=None) -> bool:
+    """ServerLive over a fresh channel; False when the server or the client refuses the connection."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
+
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        try:
+            return service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=3).live
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            return False

@@ -10,12 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import psutil
 import pytest
-from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 
 from nonn.cli import main
 from nonn.runtime.aggregator import Aggregator
@@ -23,7 +20,7 @@ from nonn.runtime.onnx_model import ModelIntegrityError
 from nonn.runtime.server import DeviceServer, student_backend
 from nonn.runtime.tls import ClientTLS, ServerTLS
 
-from runtime_testing import make_bundle, make_certificates, reference_logits, started, tiny_student
+from runtime_testing import make_bundle, make_certificates, reference_logits, server_live, started, tiny_student
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,17 +35,6 @@ def certs(tmp_path_factory):
 @pytest.fixture
 def bundle(tmp_path):
     return make_bundle(tmp_path / "bundle", feature_sizes=(2, 3), input_shape=SHAPE)
-
-
-def handshake_ok(address: str, credentials: grpc.ChannelCredentials | None) -> bool:
-    """ServerLive over a fresh channel; False when the server or the client refuses the connection."""
-    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
-    with channel:
-        try:
-            return service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=3).live
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-            return False
 
 
 def wait_ready_file(proc: subprocess.Popen, ready: Path) -> dict:
@@ -79,17 +65,17 @@ def test_expired_certificates_are_refused(bundle, certs):
     # A device presenting an expired certificate: the client refuses it although the CA is right.
     expired = ServerTLS(certs["expired_server"], certs["expired_server_key"], client_ca=certs["ca"])
     with DeviceServer(student_backend(bundle, 0), tls=expired) as server:
-        assert not handshake_ok(server.address, good_client.credentials())
+        assert not server_live(server.address, good_client.credentials())
     # A client presenting an expired certificate to a mutual-TLS device: the device refuses it.
     mutual = ServerTLS(certs["server"], certs["server_key"], client_ca=certs["ca"])
     with DeviceServer(student_backend(bundle, 0), tls=mutual) as server:
-        assert handshake_ok(server.address, good_client.credentials())
+        assert server_live(server.address, good_client.credentials())
         stale = ClientTLS(ca=certs["ca"], cert=certs["expired_client"], key=certs["expired_client_key"])
-        assert not handshake_ok(server.address, stale.credentials())
-        assert not handshake_ok(server.address, ClientTLS(ca=certs["ca"]).credentials())  # no certificate
+        assert not server_live(server.address, stale.credentials())
+        assert not server_live(server.address, ClientTLS(ca=certs["ca"]).credentials())  # no certificate
         rogue = ClientTLS(ca=certs["ca"], cert=certs["rogue_client"], key=certs["rogue_client_key"])
-        assert not handshake_ok(server.address, rogue.credentials())  # wrong CA
-        assert not handshake_ok(server.address, None)  # plaintext
+        assert not server_live(server.address, rogue.credentials())  # wrong CA
+        assert not server_live(server.address, None)  # plaintext
 
 
 def test_mutual_tls_on_every_link_of_the_served_ensemble(bundle, certs, tmp_path):
@@ -122,14 +108,14 @@ def test_mutual_tls_on_every_link_of_the_served_ensemble(bundle, certs, tmp_path
         np.testing.assert_allclose(result.as_numpy("logits"), reference_logits(bundle, x), rtol=1e-5, atol=1e-5)
         client.close()
         # The front end refuses clients without a certificate from the CA, or in plaintext.
-        assert not handshake_ok(info["address"], ClientTLS(ca=certs["ca"]).credentials())
+        assert not server_live(info["address"], ClientTLS(ca=certs["ca"]).credentials())
         stale = ClientTLS(ca=certs["ca"], cert=certs["expired_client"], key=certs["expired_client_key"])
-        assert not handshake_ok(info["address"], stale.credentials())
-        assert not handshake_ok(info["address"], None)
+        assert not server_live(info["address"], stale.credentials())
+        assert not server_live(info["address"], None)
         # The devices refuse anyone but a holder of a client certificate, the front end included.
         for device in devices:
-            assert not handshake_ok(device.address, None)
-            assert not handshake_ok(device.address, ClientTLS(ca=certs["ca"]).credentials())
+            assert not server_live(device.address, None)
+            assert not server_live(device.address, ClientTLS(ca=certs["ca"]).credentials())
     finally:
         proc.terminate()
         proc.wait(15)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 import pytest
-from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 
 from nonn.runtime.aggregator import AggregationError, Aggregator
 from nonn.runtime.server import DeviceServer, student_backend
 from nonn.runtime.tls import ClientTLS, ServerTLS
 
-from runtime_testing import started, make_bundle, make_certificates, reference_logits
+from runtime_testing import make_bundle, make_certificates, reference_logits, server_live, started
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,33 +24,22 @@ def bundle(tmp_path_factory):
     return make_bundle(tmp_path_factory.mktemp("bundle") / "b", feature_sizes=(2, 3))
 
 
-def live(address: str, credentials: grpc.ChannelCredentials | None) -> bool:
-    """ServerLive over a fresh channel; False when the connection (handshake) is refused."""
-    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
-    with channel:
-        try:
-            return service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=3).live
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-            return False
-
-
 def test_tls_server_needs_a_tls_client(bundle, certs):
     tls = ServerTLS(certs["server"], certs["server_key"])
     with DeviceServer(student_backend(bundle, 0), tls=tls) as server:
-        assert live(server.address, ClientTLS(ca=certs["ca"]).credentials())
-        assert not live(server.address, None)  # plaintext client
-        assert not live(server.address, ClientTLS(ca=certs["rogue_ca"]).credentials())  # untrusted server cert
+        assert server_live(server.address, ClientTLS(ca=certs["ca"]).credentials())
+        assert not server_live(server.address, None)  # plaintext client
+        assert not server_live(server.address, ClientTLS(ca=certs["rogue_ca"]).credentials())  # untrusted server cert
 
 
 def test_mutual_tls_refuses_clients_without_a_trusted_certificate(bundle, certs):
     tls = ServerTLS(certs["server"], certs["server_key"], client_ca=certs["ca"])
     with DeviceServer(student_backend(bundle, 0), tls=tls) as server:
         good = ClientTLS(ca=certs["ca"], cert=certs["client"], key=certs["client_key"])
-        assert live(server.address, good.credentials())
-        assert not live(server.address, ClientTLS(ca=certs["ca"]).credentials())  # no client certificate
+        assert server_live(server.address, good.credentials())
+        assert not server_live(server.address, ClientTLS(ca=certs["ca"]).credentials())  # no client certificate
         rogue = ClientTLS(ca=certs["ca"], cert=certs["rogue_client"], key=certs["rogue_client_key"])
-        assert not live(server.address, rogue.credentials())  # certificate from another CA
+        assert not server_live(server.address, rogue.credentials())  # certificate from another CA
 
 
 def test_stock_client_and_aggregator_over_mutual_tls(bundle, certs):
