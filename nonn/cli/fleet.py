@@ -127,18 +127,17 @@ def run_teacher(teacher: str | None, images: Any, dataset: Any, factory: str | N
     import numpy as np
     import torch
 
+    from nonn.runtime.aggregator import preprocess_images
     from nonn.students.teacher import load_teacher
 
     loaded = load_teacher(teacher, factory=factory, weights=weights)
     meta = loaded.dataset or {}
-    mean = np.asarray(meta.get("mean", dataset.mean), dtype=np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(meta.get("std", dataset.std), dtype=np.float32).reshape(1, -1, 1, 1)
+    x = preprocess_images(images, meta.get("mean", dataset.mean), meta.get("std", dataset.std), dataset.input_shape)
     out = []
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     with torch.no_grad():
-        for start in range(0, images.shape[0], 256):
-            x = torch.from_numpy((images[start : start + 256] - mean) / std)
-            out.append(loaded.model(x).argmax(dim=1).numpy())
+        for start in range(0, x.shape[0], 256):
+            out.append(loaded.model(torch.from_numpy(x[start : start + 256])).argmax(dim=1).numpy())
     return np.concatenate(out)
 
 
