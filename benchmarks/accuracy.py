@@ -24,7 +24,6 @@ registry whose whole student (backbone + bridge) has at most 1/20 of the teacher
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass, replace

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -121,7 +120,6 @@ async def aggregator_run(agg: Aggregator, inputs: np.ndarray, concurrency: int, 
     degraded = 0
 
     async def throughput(coalesce: int) -> float:
-        nonlocal degraded
         queue = list(range(len(inputs)))
         agg.coalesce = coalesce
 

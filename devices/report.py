@@ -134,7 +134,7 @@ def _estimates(result: "SimulationResult") -> dict[str, Any] | None:
 
 def build_report(result: "SimulationResult", *, dataset: str | None = None) -> dict[str, Any]:
     """The JSON summary of a run (format "nonn.simulation/1")."""
-    R, K = result.num_requests, result.num_devices
+    R = result.num_requests
     B = result.config.batch_size
     answered = result.answered
     full = result.contributed.all(axis=1) if R else np.zeros(0, dtype=bool)

@@ -23,7 +23,6 @@ import contextlib
 import copy
 import io
 import logging
-import os
 import shutil
 import warnings
 from dataclasses import dataclass, field

@@ -14,10 +14,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from tritonclient.grpc import service_pb2 as pb
 
 from nonn.cli import main
-from nonn.runtime.aggregator import AggregationError, Aggregator, AggregatorBackend, EnsembleSpec, preprocess_images
+from nonn.runtime.aggregator import AggregationError, Aggregator, AggregatorBackend, preprocess_images
 from nonn.runtime.onnx_model import OnnxModel
 from nonn.runtime.server import DeviceServer, InferenceServicer, InferOutput, ModelBackend, OnnxBackend, student_backend
 
