@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -31,6 +31,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "atomic_write_jsonl",
     "atomic_directory",
     "exchange_paths",
     "sha256_file",
@@ -82,6 +83,11 @@ def atomic_write_text(dest: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(dest: str | os.PathLike[str], obj: Any, indent: int = 2) -> Path:
     """Serialise `obj` as JSON (sorted keys off, trailing newline) and write it atomically."""
     return atomic_write_text(dest, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_write_jsonl(dest: str | os.PathLike[str], records: Iterable[Any]) -> Path:
+    """Write one JSON object per line (a training log, say) atomically."""
+    return atomic_write_text(dest, "".join(json.dumps(record) + "\n" for record in records))
 
 
 @contextlib.contextmanager

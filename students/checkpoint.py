@@ -17,7 +17,12 @@ import torch
 
 from nonn.artifacts import ArtifactError, atomic_path
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_torch_file"]
+__all__ = ["cpu_state_dict", "save_checkpoint", "load_checkpoint", "load_torch_file"]
+
+
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of `module`'s state, safe to save while training goes on."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:

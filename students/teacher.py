@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -34,8 +33,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nonn.artifacts import ArtifactError, atomic_write_text, sha256_file
-from nonn.students.checkpoint import load_checkpoint, load_torch_file, save_checkpoint
+from nonn.artifacts import ArtifactError, atomic_write_jsonl, sha256_file
+from nonn.students.checkpoint import cpu_state_dict, load_checkpoint, load_torch_file, save_checkpoint
 from nonn.students.data import ImageDataset, load_dataset
 from nonn.students.loader import BatchLoader, make_loader
 from nonn.students.models import count_parameters, create_model
@@ -179,15 +178,6 @@ def _check_resumable(checkpoint: dict[str, Any], config: TeacherConfig, dataset:
         )
 
 
-def _write_log(path: str | None, history: list[dict[str, Any]]) -> None:
-    if path:
-        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in history))
-
-
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
 def train_teacher(config: TeacherConfig) -> dict[str, Any]:
     """Train (or resume training) a teacher as ``config`` says; returns the final checkpoint dict.
 
@@ -235,7 +225,8 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
         log.info("resuming %s after epoch %d of %d", out, start_epoch, config.epochs)
         if start_epoch >= config.epochs:
             log.info("%s already finished all %d epochs", out, config.epochs)
-            _write_log(config.log, history)
+            if config.log:
+                atomic_write_jsonl(config.log, history)
             return checkpoint
 
     params = count_parameters(model)
@@ -284,7 +275,7 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
         checkpoint = {
             "format": TEACHER_FORMAT,
             "arch": model.arch,
-            "state_dict": _cpu_state(model),
+            "state_dict": cpu_state_dict(model),
             "feature_layer": model.feature_layer,
             "num_features": model.num_features,
             "params": params,
@@ -302,7 +293,8 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
             "metrics": {**record, "params": params, "train_seconds": round(sum(r["seconds"] for r in history), 3)},
         }
         save_checkpoint(checkpoint, out)
-        _write_log(config.log, history)
+        if config.log:
+            atomic_write_jsonl(config.log, history)
     assert checkpoint is not None
     return checkpoint
 

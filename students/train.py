@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -31,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from nonn.artifacts import ArtifactError, atomic_write_text
+from nonn.artifacts import ArtifactError, atomic_write_jsonl
+from nonn.students.checkpoint import cpu_state_dict, load_checkpoint, save_checkpoint
 from nonn.students.ensemble import (
     StudentEnsemble,
     StudentSpec,
@@ -407,8 +407,6 @@ def _check_resume_settings(saved: dict[str, Any], config: StudentsConfig, setup:
 
 
 def _load_raw(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    from nonn.students.checkpoint import load_checkpoint
-
     return load_checkpoint(path, FORMAT, map_location=map_location)
 
 
@@ -445,14 +443,6 @@ def _restore_rng(state: dict[str, Any], loader: Any, dropout_gen: torch.Generato
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-
-
-def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(entry) + "\n" for entry in history))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,10 +643,10 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
                 "complete": epoch + 1 == config.epochs,
                 "baseline": config.baseline,
                 "students": [
-                    {"name": student_name(k), "spec": s.spec.to_dict(), "group": setup.groups[k], "state_dict": _cpu_state(s)}
+                    {"name": student_name(k), "spec": s.spec.to_dict(), "group": setup.groups[k], "state_dict": cpu_state_dict(s)}
                     for k, s in enumerate(ensemble.students)
                 ],
-                "head": _cpu_state(ensemble.head),
+                "head": cpu_state_dict(ensemble.head),
                 "groups": setup.groups,
                 "partition": setup.partition,
                 "dataset": setup.data.meta(),
@@ -670,10 +660,8 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": _rng_state(loader, dropout_gen),
             }
-            from nonn.students.checkpoint import save_checkpoint
-
             save_checkpoint(checkpoint, out)
-            _write_metrics(config.metrics_path, history)
+            atomic_write_jsonl(config.metrics_path, history)
         if dist_info.enabled:
             import torch.distributed as dist
 

@@ -71,7 +71,7 @@ def test_resume_equals_uninterrupted_run(files, tmp_path, monkeypatch):
     train_students(config(files, full, **kw))
 
     part = tmp_path / "part.pt"
-    real_write = train_mod._write_metrics
+    real_write = train_mod.atomic_write_jsonl
     calls = {"n": 0}
 
     def write_then_die(path, history):
@@ -80,10 +80,10 @@ def test_resume_equals_uninterrupted_run(files, tmp_path, monkeypatch):
         if calls["n"] == 2:
             raise KeyboardInterrupt  # killed after the second epoch's checkpoint
 
-    monkeypatch.setattr(train_mod, "_write_metrics", write_then_die)
+    monkeypatch.setattr(train_mod, "atomic_write_jsonl", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_students(config(files, part, **kw))
-    monkeypatch.setattr(train_mod, "_write_metrics", real_write)
+    monkeypatch.setattr(train_mod, "atomic_write_jsonl", real_write)
     assert load_students(part).meta["epoch"] == 2
     train_students(config(files, part, resume=True, **kw))
 
