@@ -96,6 +96,7 @@ class SimulationConfig:
     deadline_s: float = 2.0
     retries: int = 2
     strict: bool = False
+    transport: str = "auto"  # auto | stream | unary: how the aggregator calls the devices
     network: str = "auto"  # auto | netns | delay | none
     faults: list[FaultSpec] = field(default_factory=list)
     startup_timeout_s: float = 60.0
@@ -118,6 +119,10 @@ class SimulationConfig:
             raise ValueError(f"deadline must be positive, got {self.deadline_s}")
         if self.network not in NETWORK_MODES:
             raise ValueError(f"network {self.network!r} is not one of {', '.join(NETWORK_MODES)}")
+        from nonn.runtime.aggregator import TRANSPORTS
+
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
         if num_images < 1:
             raise ValueError("no images to stream")
         for f in self.faults:
@@ -326,6 +331,7 @@ class _Stream:
             deadline_s=cfg.deadline_s,
             retries=cfg.retries,
             strict=cfg.strict,
+            transport=cfg.transport,
         )
         progress = _progress_bar(self.target, cfg.progress)
         try:

@@ -49,6 +49,8 @@ from nonn.runtime.tls import ServerTLS
 __all__ = [
     "DEFAULT_MAX_BATCH",
     "DEFAULT_QUEUED_CALLS",
+    "DEFAULT_MAX_STREAMS",
+    "RequestError",
     "DecodeGuard",
     "SERVICE_NAME",
     "BackendUnavailable",
@@ -77,6 +79,17 @@ _SPARE_HANDLERS = 4
 # Calls a server holds beyond its handler threads (waiting for one) before it refuses new ones
 # with RESOURCE_EXHAUSTED: each waiting call keeps its whole request in memory.
 DEFAULT_QUEUED_CALLS = 64
+# Open ModelStreamInfer streams a server accepts at once; each holds a handler thread.
+DEFAULT_MAX_STREAMS = 8
+
+
+class RequestError(Exception):
+    """A request the server refuses: the gRPC status and a message naming the problem."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class BackendUnavailable(RuntimeError):
@@ -171,12 +184,18 @@ def _not_supported(method: str):
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """`inference.GRPCInferenceService` over a set of ModelBackends (usually exactly one)."""
 
-    def __init__(self, backends: Sequence[ModelBackend], server_name: str = "nonn") -> None:
+    def __init__(self, backends: Sequence[ModelBackend], server_name: str = "nonn", max_streams: int = DEFAULT_MAX_STREAMS) -> None:
         self.backends = {backend.name: backend for backend in backends}
         if len(self.backends) != len(backends):
             raise ValueError(f"model names repeat: {[b.name for b in backends]}")
+        if max_streams < 0:
+            raise ValueError(f"max_streams must be 0 or more, got {max_streams}")
         self.server_name = server_name
         self.ready = False
+        self.stopping = False
+        self.max_streams = max_streams
+        self._stream_slots = threading.BoundedSemaphore(max_streams) if max_streams else threading.Semaphore(0)
+        self._open_streams: dict[Any, threading.Event] = {}
 
     # -- lookup -----------------------------------------------------------------------------
     def _find(self, name: str, version: str) -> ModelBackend | None:
@@ -241,10 +260,19 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=config)
 
     # -- inference --------------------------------------------------------------------------
-    def ModelInfer(self, request, context):
-        backend = self._get(request.model_name, request.model_version, context)
+    def infer_request(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Validate one ModelInferRequest, run its model and build the reply (RequestError if refused).
+
+        The one inference path: ModelInfer turns a RequestError into the call's status,
+        ModelStreamInfer into the stream reply's error_message.
+        """
+        backend = self._find(request.model_name, request.model_version)
+        if backend is None:
+            known = ", ".join(sorted(self.backends)) or "none"
+            what = f"model {request.model_name!r}" + (f" version {request.model_version!r}" if request.model_version else "")
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown {what}; this server hosts: {known}")
         if not self.ready:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"model {backend.name!r} is not ready")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model {backend.name!r} is not ready")
         try:
             for key in request.parameters:
                 if key.startswith("shared_memory"):
@@ -255,14 +283,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             inputs = decode_request_inputs(backend.inputs, request, backend.max_batch)
             wanted = requested_outputs(backend.outputs, request)
         except TensorError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         try:
             result = backend.infer(inputs, [spec.name for spec in wanted])
         except BackendUnavailable as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         except Exception as exc:  # the model failed on validated input: report, keep serving
             log.exception("model %s failed", backend.name)
-            context.abort(grpc.StatusCode.INTERNAL, f"model {backend.name!r} failed: {exc}")
+            raise RequestError(grpc.StatusCode.INTERNAL, f"model {backend.name!r} failed: {exc}") from None
         response = pb.ModelInferResponse(model_name=backend.name, model_version=backend.version, id=request.id)
         for spec in wanted:
             header, raw = output_tensor(spec.name, result.arrays[spec.name])
@@ -272,8 +300,65 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             response.parameters[key].CopyFrom(make_parameter(value))
         return response
 
+    def ModelInfer(self, request, context):
+        try:
+            return self.infer_request(request)
+        except RequestError as exc:
+            context.abort(exc.code, exc.message)
+
+    def ModelStreamInfer(self, request_iterator, context):
+        """Triton's streaming extension: one reply per request on a long-lived stream.
+
+        It saves the per-call cost of a unary RPC, which dominates a small model's latency. A
+        refused request gets a reply with `error_message` (and the request's id) and the stream
+        goes on; UNAVAILABLE ends the stream, so the client reconnects or goes elsewhere. At
+        most `max_streams` streams are open at once (each holds a handler thread); beyond that
+        a stream is refused with RESOURCE_EXHAUSTED and the client can use ModelInfer.
+        """
+        if not self._stream_slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this server already has {self.max_streams} open streams; use ModelInfer",
+            )
+        idle = threading.Event()
+        idle.set()
+        self._open_streams[context] = idle
+        try:
+            if self.stopping:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            for request in request_iterator:
+                idle.clear()
+                if isinstance(request, _UndecodableRequest):
+                    yield pb.ModelStreamInferResponse(error_message=request.message())
+                else:
+                    try:
+                        yield pb.ModelStreamInferResponse(infer_response=self.infer_request(request))
+                    except RequestError as exc:
+                        if exc.code == grpc.StatusCode.UNAVAILABLE:
+                            context.abort(exc.code, exc.message)
+                        yield pb.ModelStreamInferResponse(
+                            error_message=f"{exc.code.name}: {exc.message}",
+                            infer_response=pb.ModelInferResponse(
+                                model_name=request.model_name, model_version=request.model_version, id=request.id
+                            ),
+                        )
+                if self.stopping:
+                    return
+                idle.set()
+        finally:
+            self._open_streams.pop(context, None)
+            self._stream_slots.release()
+
+    ModelStreamInfer.handles_undecodable = True  # type: ignore[attr-defined]
+
+    def end_idle_streams(self) -> None:
+        """On shutdown: cancel streams waiting for their next request (busy ones end after their reply)."""
+        self.stopping = True
+        for context, idle in list(self._open_streams.items()):
+            if idle.is_set():
+                context.cancel()
+
     # -- optional parts of the protocol this server does not offer ----------------------------
-    ModelStreamInfer = _not_supported("ModelStreamInfer")
     ModelStatistics = _not_supported("ModelStatistics")
     RepositoryIndex = _not_supported("RepositoryIndex")
     RepositoryModelLoad = _not_supported("RepositoryModelLoad")
@@ -294,6 +379,9 @@ class _UndecodableRequest:
     def __init__(self, message_type: str, error: Exception) -> None:
         self.message_type = message_type
         self.error = error
+
+    def message(self) -> str:
+        return f"the request bytes are not a valid {self.message_type} message ({self.error})"
 
 
 class DecodeGuard(grpc.ServerInterceptor):
@@ -321,7 +409,7 @@ class DecodeGuard(grpc.ServerInterceptor):
 
     @staticmethod
     def _guard(handler):
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
         deserialize = handler.request_deserializer
         message_type = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
@@ -336,11 +424,24 @@ class DecodeGuard(grpc.ServerInterceptor):
         def guarded(behavior):
             def call(request, context):
                 if isinstance(request, _UndecodableRequest):
-                    context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"the request bytes are not a valid {request.message_type} message ({request.error})",
-                    )
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
                 return behavior(request, context)
+
+            return call
+
+        def guarded_stream(behavior):
+            # A streaming handler marked `handles_undecodable` answers bad messages in-stream.
+            if getattr(behavior, "handles_undecodable", False):
+                return behavior
+
+            def call(request_iterator, context):
+                def checked():
+                    for request in request_iterator:
+                        if isinstance(request, _UndecodableRequest):
+                            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+                        yield request
+
+                return behavior(checked(), context)
 
             return call
 
@@ -348,6 +449,10 @@ class DecodeGuard(grpc.ServerInterceptor):
             return handler._replace(request_deserializer=safe_deserialize, unary_unary=guarded(handler.unary_unary))
         if handler.unary_stream is not None:
             return handler._replace(request_deserializer=safe_deserialize, unary_stream=guarded(handler.unary_stream))
+        if handler.stream_unary is not None:
+            return handler._replace(request_deserializer=safe_deserialize, stream_unary=guarded_stream(handler.stream_unary))
+        if handler.stream_stream is not None:
+            return handler._replace(request_deserializer=safe_deserialize, stream_stream=guarded_stream(handler.stream_stream))
         return handler
 
 
@@ -359,9 +464,10 @@ class DeviceServer:
     batch limit unless `max_message_bytes` is given. Handlers run on a thread pool sized from
     the backends' concurrency plus a few threads so health and metadata calls never wait
     behind inference. At most `max_concurrent_rpcs` calls are held at once (default: the handler
-    threads plus DEFAULT_QUEUED_CALLS); beyond that a call is refused with RESOURCE_EXHAUSTED
-    instead of queueing its request in memory without bound. Usable as a context manager
-    (start on enter, stop on exit).
+    threads, the streams and DEFAULT_QUEUED_CALLS); beyond that a call is refused with RESOURCE_EXHAUSTED
+    instead of queueing its request in memory without bound. Up to `max_streams` ModelStreamInfer
+    streams are open at once, each on a thread of its own. Usable as a context manager (start on
+    enter, stop on exit).
     """
 
     def __init__(
@@ -376,6 +482,7 @@ class DeviceServer:
         server_name: str = "nonn",
         handler_threads: int | None = None,
         max_concurrent_rpcs: int | None = None,
+        max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
         self.backends = [backends] if isinstance(backends, ModelBackend) else list(backends)
         if not self.backends:
@@ -389,12 +496,13 @@ class DeviceServer:
         self.grace_s = grace_s
         self.max_message_bytes = max_message_bytes or message_limit(self.backends)
         self.handler_threads = handler_threads or sum(b.concurrency for b in self.backends) + _SPARE_HANDLERS
-        self.max_concurrent_rpcs = max_concurrent_rpcs or self.handler_threads + DEFAULT_QUEUED_CALLS
+        self.max_streams = max_streams
+        self.max_concurrent_rpcs = max_concurrent_rpcs or self.handler_threads + max_streams + DEFAULT_QUEUED_CALLS
         if self.max_concurrent_rpcs < self.handler_threads:
             raise ValueError(
                 f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) is below the handler threads ({self.handler_threads})"
             )
-        self.servicer = InferenceServicer(self.backends, server_name)
+        self.servicer = InferenceServicer(self.backends, server_name, max_streams=max_streams)
         self.health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self._stopped = False
@@ -414,7 +522,8 @@ class DeviceServer:
         if self._server is not None:
             raise RuntimeError("the server is already started")
         server = grpc.server(
-            ThreadPoolExecutor(max_workers=self.handler_threads, thread_name_prefix="nonn-rpc"),
+            # Each open stream holds a thread of its own on top of the unary handlers.
+            ThreadPoolExecutor(max_workers=self.handler_threads + self.max_streams, thread_name_prefix="nonn-rpc"),
             interceptors=[DecodeGuard()],
             maximum_concurrent_rpcs=self.max_concurrent_rpcs,
             options=[
@@ -457,7 +566,9 @@ class DeviceServer:
             return
         self._stopped = True
         self.health.enter_graceful_shutdown()
-        self._server.stop(self.grace_s if grace_s is None else grace_s).wait()
+        done = self._server.stop(self.grace_s if grace_s is None else grace_s)
+        self.servicer.end_idle_streams()
+        done.wait()
         self.servicer.ready = False
         for backend in self.backends:
             backend.close()
@@ -504,6 +615,7 @@ def serve_backends(
     grace_s: float = 5.0,
     ready_file: str | os.PathLike[str] | None = None,
     malloc_arenas: int | None = 1,
+    max_streams: int = DEFAULT_MAX_STREAMS,
 ) -> None:
     """Serve `backends` until SIGTERM or SIGINT, then stop gracefully (blocking; main thread only).
 
@@ -512,8 +624,9 @@ def serve_backends(
     `malloc_arenas` caps glibc malloc arenas for a smaller footprint (None leaves them alone).
     """
     server = DeviceServer(
-        backends, host=host, port=port, tls=tls, max_message_bytes=max_message_bytes, grace_s=grace_s
-    )
+        backends, host=host, port=port, tls=tls, max_message_bytes=max_message_bytes, grace_s=grace_s,
+        max_streams=max_streams,
+    )  # fmt: skip
     if malloc_arenas:
         limit_malloc_arenas(malloc_arenas)
     stop = threading.Event()

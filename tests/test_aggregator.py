@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from nonn.cli import main
 from nonn.runtime.aggregator import AggregationError, Aggregator, AggregatorBackend, preprocess_images
 from nonn.runtime.onnx_model import OnnxModel
-from nonn.runtime.server import DeviceServer, InferenceServicer, InferOutput, ModelBackend, OnnxBackend, student_backend
+from nonn.runtime.server import DeviceServer, InferenceServicer, InferOutput, ModelBackend, OnnxBackend, RequestError, student_backend
 
 from runtime_testing import free_port, make_bundle, random_images, reference_logits, start_device_servers, started, tiny_student
 
@@ -45,11 +46,13 @@ def batch(n: int, seed: int = 0) -> np.ndarray:
 
 
 
-def test_results_equal_in_process_onnx_runtime(bundle, devices):
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+def test_results_equal_in_process_onnx_runtime(bundle, devices, transport):
     x = batch(5)
-    with Aggregator(bundle.root, [d.address for d in devices], deadline_s=5) as agg:
+    with Aggregator(bundle.root, [d.address for d in devices], deadline_s=5, transport=transport) as agg:
         assert agg.check_devices_sync() == []
         result = agg.infer_sync(x)
+        assert agg.transports == [transport] * 4
     np.testing.assert_allclose(result.logits, reference_logits(bundle, x), rtol=1e-5, atol=1e-5)
     assert result.contributed == [True] * 4 and not result.degraded
     assert result.attempts == [1] * 4
@@ -97,12 +100,13 @@ class SlowBackend(ModelBackend):
         return InferOutput({"features": np.ones((len(inputs["input"]), self.outputs[0].shape[1]), np.float32)})
 
 
-def test_deadline_bounds_a_slow_device(bundle, devices):
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+def test_deadline_bounds_a_slow_device(bundle, devices, transport):
     slow = started(DeviceServer(SlowBackend("student_1", 2, delay_s=2.0)))
     try:
         endpoints = [d.address for d in devices]
         endpoints[1] = slow.address
-        with Aggregator(bundle, endpoints, deadline_s=0.3) as agg:
+        with Aggregator(bundle, endpoints, deadline_s=0.3, transport=transport) as agg:
             t0 = time.perf_counter()
             result = agg.infer_sync(batch(1))
             elapsed = time.perf_counter() - t0
@@ -115,28 +119,29 @@ def test_deadline_bounds_a_slow_device(bundle, devices):
 
 
 class FlakyServicer(InferenceServicer):
-    """Answers UNAVAILABLE to the first `failures` ModelInfer calls, then serves normally."""
+    """Refuses the first `failures` requests with UNAVAILABLE (streamed or not), then serves normally."""
 
     def __init__(self, backends, failures: int) -> None:
         super().__init__(backends)
         self.failures = failures
         self.calls = 0
 
-    def ModelInfer(self, request, context):
+    def infer_request(self, request):
         self.calls += 1
         if self.calls <= self.failures:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
-        return super().ModelInfer(request, context)
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "warming up")
+        return super().infer_request(request)
 
 
+@pytest.mark.parametrize("transport", ["stream", "unary"])
 @pytest.mark.parametrize("retries, ok", [(2, True), (1, False)])
-def test_retry_on_unavailable(bundle, devices, retries, ok):
+def test_retry_on_unavailable(bundle, devices, retries, ok, transport):
     flaky = DeviceServer(student_backend(bundle, "student_0"))
     flaky.servicer = FlakyServicer(flaky.backends, failures=2)
     flaky.start()
     try:
         endpoints = [flaky.address] + [d.address for d in devices[1:]]
-        with Aggregator(bundle, endpoints, deadline_s=5, retries=retries, backoff_s=0.01) as agg:
+        with Aggregator(bundle, endpoints, deadline_s=5, retries=retries, backoff_s=0.01, transport=transport) as agg:
             result = agg.infer_sync(batch(2))
         assert result.contributed[0] is ok
         assert result.attempts[0] == retries + 1
@@ -257,9 +262,11 @@ def test_bad_inputs_are_named(bundle, devices, tmp_path, capsys):
 def test_cli_serve_aggregate_front_end(bundle, devices, tmp_path):
     import tritonclient.grpc as triton
 
+    streamed: queue.Queue = queue.Queue()
     ready = tmp_path / "front.json"
     cmd = [sys.executable, "-m", "nonn", "serve", "--bundle", str(bundle.root), "--aggregate", "--name", "nonn-ensemble",
-           "--devices", ",".join(d.address for d in devices), "--port", "0", "--ready-file", str(ready)]  # fmt: skip
+           "--devices", ",".join(d.address for d in devices), "--port", "0", "--ready-file", str(ready),
+           "--transport", "unary", "--max-streams", "0"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
@@ -274,6 +281,12 @@ def test_cli_serve_aggregate_front_end(bundle, devices, tmp_path):
         result = client.infer("nonn-ensemble", [tensor])
         np.testing.assert_allclose(result.as_numpy("logits"), reference_logits(bundle, x), rtol=1e-5, atol=1e-5)
         assert result.get_response().parameters["contributed"].string_param == "1,1,1,1"
+        # --max-streams 0: the front end offers no stream, and says so.
+        client.start_stream(callback=lambda result, error: streamed.put(error))
+        client.async_stream_infer("nonn-ensemble", [tensor])
+        error = streamed.get(timeout=10)
+        client.stop_stream()
+        assert error is not None and "open streams" in str(error), error
         client.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
@@ -301,6 +314,40 @@ def test_restarted_device_is_used_again(bundle, devices):
             np.testing.assert_allclose(result.logits, reference_logits(bundle, batch(1)), rtol=1e-5, atol=1e-5)
         finally:
             device.stop(0)
+
+
+def test_auto_transport_falls_back_to_unary_for_a_device_that_does_not_stream(bundle, devices):
+    unary_only = started(DeviceServer(student_backend(bundle, "student_3"), max_streams=0))
+    try:
+        endpoints = [d.address for d in devices[:3]] + [unary_only.address]
+        with Aggregator(bundle, endpoints, deadline_s=5, retries=0) as agg:
+            for seed in range(3):
+                result = agg.infer_sync(batch(2, seed))
+                assert result.contributed == [True] * 4 and result.attempts == [1] * 4, result.errors
+                np.testing.assert_allclose(result.logits, reference_logits(bundle, batch(2, seed)), rtol=1e-5, atol=1e-5)
+            assert agg.transports == ["stream"] * 3 + ["unary"]
+        with Aggregator(bundle, endpoints, deadline_s=5, retries=0, transport="stream") as agg:
+            result = agg.infer_sync(batch(1))
+        assert result.contributed == [True, True, True, False]
+        assert "RESOURCE_EXHAUSTED" in result.errors[3]
+    finally:
+        unary_only.stop(0)
+
+
+def test_a_stream_ended_by_a_restarting_device_is_retried(bundle, devices):
+    port = free_port()
+    device = started(DeviceServer(student_backend(bundle, "student_1"), port=port))
+    endpoints = [devices[0].address, device.address] + [d.address for d in devices[2:]]
+    try:
+        with Aggregator(bundle, endpoints, deadline_s=5, retries=5, backoff_s=0.05) as agg:
+            assert agg.infer_sync(batch(1)).contributed == [True] * 4  # the stream is open
+            device.stop(0)  # cancels the idle stream
+            device = started(DeviceServer(student_backend(bundle, "student_1"), port=port))
+            result = agg.infer_sync(batch(2))
+        assert result.contributed == [True] * 4, result.errors
+        np.testing.assert_allclose(result.logits, reference_logits(bundle, batch(2)), rtol=1e-5, atol=1e-5)
+    finally:
+        device.stop(0)
 
 
 def test_coalescing_merges_queued_requests_and_keeps_answers_apart(bundle, devices):

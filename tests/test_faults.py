@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from nonn.runtime.aggregator import Aggregator
 from nonn.runtime.codec import TensorSpec
-from nonn.runtime.server import DEFAULT_QUEUED_CALLS, DeviceServer, InferenceServicer, InferOutput, ModelBackend, student_backend
+from nonn.runtime.server import DEFAULT_MAX_STREAMS, DEFAULT_QUEUED_CALLS, DeviceServer, InferenceServicer, InferOutput, ModelBackend, RequestError, student_backend
 
 from runtime_testing import free_port, make_bundle, random_images, reference_logits, start_device_servers, started
 
@@ -247,8 +247,8 @@ class LyingServicer(InferenceServicer):
         super().__init__(backends)
         self.kind = kind
 
-    def ModelInfer(self, request, context):
-        reply = super().ModelInfer(request, context)
+    def infer_request(self, request):
+        reply = super().infer_request(request)
         out = reply.outputs[0]
         if self.kind == "datatype":
             out.datatype = "FP64"
@@ -264,7 +264,7 @@ class LyingServicer(InferenceServicer):
         elif self.kind == "huge":
             reply.raw_output_contents.append(bytes(3 << 20))
         elif self.kind == "error":
-            context.abort(grpc.StatusCode.INTERNAL, "the model crashed")
+            raise RequestError(grpc.StatusCode.INTERNAL, "the model crashed")
         return reply
 
 
@@ -280,14 +280,15 @@ class LyingServicer(InferenceServicer):
         ("error", "INTERNAL: the model crashed"),
     ],
 )
-def test_a_device_with_a_bad_reply_is_counted_missing(bundle, devices, kind, words):
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+def test_a_device_with_a_bad_reply_is_counted_missing(bundle, devices, kind, words, transport):
     liar = DeviceServer(student_backend(bundle, "student_1"))
     liar.servicer = LyingServicer(liar.backends, kind)
     liar.start()
     try:
         endpoints = [d.address for d in devices]
         endpoints[1] = liar.address
-        with Aggregator(bundle, endpoints, deadline_s=2, retries=2) as agg:
+        with Aggregator(bundle, endpoints, deadline_s=2, retries=2, transport=transport) as agg:
             result = agg.infer_sync(images(2))
             assert agg.infer_sync(images(1, 5)).contributed == [True, False, True]  # and it stays that way
         assert result.contributed == [True, False, True]
@@ -314,8 +315,8 @@ class SleepyBackend(ModelBackend):
 
 
 def test_a_flood_of_calls_is_refused_beyond_the_cap_instead_of_queued_in_memory():
-    assert DeviceServer(SleepyBackend(0)).max_concurrent_rpcs == 2 + 4 + DEFAULT_QUEUED_CALLS
-    server = started(DeviceServer(SleepyBackend(0.5), handler_threads=2, max_concurrent_rpcs=5))
+    assert DeviceServer(SleepyBackend(0)).max_concurrent_rpcs == 2 + 4 + DEFAULT_MAX_STREAMS + DEFAULT_QUEUED_CALLS
+    server = started(DeviceServer(SleepyBackend(0.5), handler_threads=2, max_concurrent_rpcs=5, max_streams=0))
     try:
         request = pb.ModelInferRequest(model_name="student_0")
         request.inputs.add(name="input", datatype="FP32", shape=[1, *SHAPE])

@@ -107,9 +107,6 @@ def test_unsupported_methods_answer_unimplemented_without_flooding_the_log(tmp_p
                         call(request, timeout=5)
                     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
                     assert "not supported by this server" in err.value.details()
-            with pytest.raises(grpc.RpcError) as err:
-                list(stub.ModelStreamInfer(iter([fuzz.good_request(np.ones((1, *fuzz.INPUT_SHAPE), np.float32))]), timeout=5))
-            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert server.alive()
     log = server.log.read_text()
     assert "Traceback" not in log and "NotImplementedError" not in log, log[-2000:]

@@ -99,3 +99,11 @@ def test_atomic_directory_replaces_an_existing_bundle_whole(tmp_path):
             (d / f"v{version}").write_text(version)
     assert [p.name for p in dest.iterdir()] == ["v2"]
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_cli_defaults_match_the_runtime():
+    """The CLI builds its parser without importing grpc, so it repeats this default: keep them equal."""
+    from nonn.cli import runtime as cli_runtime
+    from nonn.runtime import server
+
+    assert cli_runtime.DEFAULT_MAX_STREAMS == server.DEFAULT_MAX_STREAMS

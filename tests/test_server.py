@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -171,6 +172,84 @@ def test_malformed_request_is_refused_and_server_keeps_serving(stub, kind, code,
     assert words in err.value.details()
     reply = stub.ModelInfer(good_request(np.ones((1, *SHAPE), np.float32)), timeout=5)
     assert list(reply.outputs[0].shape) == [1, FEATURES]
+
+
+def test_stream_infer_answers_each_request_and_refusals_keep_the_stream_open(stub, model_path):
+    """ModelStreamInfer: one reply per request, by id; a bad request gets error_message, not a dead stream."""
+    x = np.random.default_rng(1).random((2, *SHAPE), dtype=np.float32)
+    expected = OnnxModel(model_path).run({"input": x})["features"]
+    requests = [good_request(x), _mutate("wrong shape"), _mutate("unknown model"), good_request(x)]
+    for index, request in enumerate(requests):
+        request.id = f"r{index}"
+    replies = list(stub.ModelStreamInfer(iter(requests), timeout=10))
+    assert [r.infer_response.id for r in replies] == ["r0", "r1", "r2", "r3"]
+    for reply in (replies[0], replies[3]):
+        assert reply.error_message == ""
+        out = reply.infer_response
+        assert list(out.outputs[0].shape) == [2, FEATURES]
+        np.testing.assert_array_equal(np.frombuffer(out.raw_output_contents[0], np.float32).reshape(2, FEATURES), expected)
+    assert replies[1].error_message.startswith("INVALID_ARGUMENT: ") and "dimension 2 is 5, expected 4" in replies[1].error_message
+    assert replies[2].error_message.startswith("NOT_FOUND: ") and "student_7" in replies[2].error_message
+
+
+def test_stream_with_undecodable_bytes_answers_invalid_argument_in_stream(server):
+    with grpc.insecure_channel(server.address) as channel:
+        raw_stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=None,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        good = good_request(np.ones((1, *SHAPE), np.float32)).SerializeToString()
+        replies = list(raw_stream(iter([b"\xff\xff\xff garbage", good]), timeout=10))
+    assert "not a valid inference.ModelInferRequest message" in replies[0].error_message
+    assert replies[1].error_message == "" and list(replies[1].infer_response.outputs[0].shape) == [1, FEATURES]
+
+
+def test_stock_tritonclient_streams(server, model_path):
+    import tritonclient.grpc as triton
+
+    x = np.random.default_rng(2).random((1, *SHAPE), dtype=np.float32)
+    results: queue.Queue = queue.Queue()
+    client = triton.InferenceServerClient(server.address)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    for request_id in ("a", "b"):
+        client.async_stream_infer("student_0", [tensor], request_id=request_id)
+    answers = [results.get(timeout=10) for _ in range(2)]
+    client.stop_stream()
+    client.close()
+    expected = OnnxModel(model_path).run({"input": x})["features"]
+    for result, error in answers:
+        assert error is None
+        np.testing.assert_array_equal(result.as_numpy("features"), expected)
+    assert sorted(result.get_response().id for result, _ in answers) == ["a", "b"]
+
+
+def test_streams_beyond_the_limit_are_refused_and_stop_ends_idle_streams(model_path):
+    server = started(DeviceServer(OnnxBackend(OnnxModel(model_path), "student_0"), max_streams=1, grace_s=10))
+    request = good_request(np.ones((1, *SHAPE), np.float32))
+    feed: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+    feed.put(request)
+    channel = grpc.insecure_channel(server.address)
+    try:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        first = stub.ModelStreamInfer(iter(feed.get, None), timeout=20)
+        assert next(first).error_message == ""  # the one stream is open and idle now
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ModelStreamInfer(iter([request]), timeout=5))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "ModelInfer" in err.value.details()
+        assert stub.ModelInfer(request, timeout=5).outputs  # unary calls still served
+        started_at = time.perf_counter()
+        server.stop()  # grace 10 s, but an idle stream is no in-flight request: it ends now
+        assert time.perf_counter() - started_at < 3
+        with pytest.raises(grpc.RpcError) as err:
+            next(first)
+        assert err.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)  # GOAWAY may come first
+    finally:
+        feed.put(None)
+        channel.close()
+        server.stop(0)
 
 
 def test_message_size_limit(server, stub):

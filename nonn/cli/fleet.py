@@ -71,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--retries", type=non_negative_int, default=2, help="extra attempts on UNAVAILABLE (default: 2)")
     run.add_argument("--strict", action="store_true",
                      help="a request fails (is lost) when any device misses it, instead of a degraded answer")
+    run.add_argument("--transport", choices=("auto", "stream", "unary"), default="auto",
+                     help="how the aggregator calls the devices: ModelStreamInfer streams, ModelInfer calls, "
+                     "or auto: stream where offered (default: auto)")
     run.add_argument("--network", choices=("auto", "netns", "delay", "none"), default="auto",
                      help="network emulation (default: auto; see below)")
     run.add_argument("--startup-timeout", type=positive_float, default=60.0,
@@ -229,6 +232,7 @@ def _simulate(args: argparse.Namespace) -> int:
         deadline_s=args.deadline,
         retries=args.retries,
         strict=args.strict,
+        transport=args.transport,
         network=args.network,
         startup_timeout_s=args.startup_timeout,
         seed=args.seed,

@@ -14,14 +14,21 @@ from nonn.cli import CLIError
 from nonn.cli.common import non_negative_float, non_negative_int, positive_float, positive_int
 
 DEFAULT_PORT = 8001
+DEFAULT_MAX_STREAMS = 8  # nonn.runtime.server.DEFAULT_MAX_STREAMS, without importing grpc to build the parser
 
 
-def _add_aggregator_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", help="one host:port per student, in student order, comma-separated")
+def _add_aggregator_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, max_batch: bool = True) -> None:
+    p.add_argument("--devices", default=None, help="one host:port per student, in student order, comma-separated")
     p.add_argument("--deadline", type=positive_float, default=1.0, help="seconds a device has to answer, retries included (default: 1.0)")
     p.add_argument("--retries", type=non_negative_int, default=2, help="extra attempts when a device is UNAVAILABLE (default: 2)")
     p.add_argument("--strict", action="store_true", help="fail a request when any device misses it (default: answer with zeros for that student)")
-    p.add_argument("--max-batch", type=positive_int, default=64, help="largest batch per request (default: 64)")
+    p.add_argument(
+        "--transport", choices=("auto", "stream", "unary"), default="auto",
+        help="how devices are called: one ModelStreamInfer stream each (cheaper per request), ModelInfer calls, "
+        "or auto: stream where the device offers it (default: auto)",
+    )  # fmt: skip
+    if max_batch:
+        p.add_argument("--max-batch", type=positive_int, default=64, help="largest batch per request (default: 64)")
 
 
 def _add_client_tls_args(p: argparse.ArgumentParser, prefix: str, who: str) -> None:
@@ -53,16 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     net.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
     net.add_argument("--workers", type=positive_int, default=1, help="requests run by ONNX Runtime at once (default: 1)")
     net.add_argument("--max-batch", type=positive_int, default=64, help="largest batch accepted per request (default: 64)")
+    net.add_argument("--max-streams", type=non_negative_int, default=DEFAULT_MAX_STREAMS, help=f"open ModelStreamInfer streams accepted at once, each on its own thread; 0 offers unary ModelInfer only (default: {DEFAULT_MAX_STREAMS})")
     net.add_argument("--grace", type=non_negative_float, default=5.0, help="seconds to finish in-flight requests on SIGTERM (default: 5)")
     net.add_argument("--ready-file", default=None, help="write {host, port, pid, models} as JSON here once serving (removed on exit)")
     net.add_argument("--tls-cert", default=None, help="server certificate (PEM); with --tls-key turns on TLS")
     net.add_argument("--tls-key", default=None, help="server private key (PEM)")
     net.add_argument("--tls-client-ca", default=None, help="CA (PEM) that client certificates must chain to: mutual TLS")
     agg = s.add_argument_group("ensemble (--aggregate)")
-    agg.add_argument("--devices", default=None, help="one host:port per student, in student order, comma-separated")
-    agg.add_argument("--deadline", type=positive_float, default=1.0, help="seconds a device has to answer, retries included (default: 1.0)")
-    agg.add_argument("--retries", type=non_negative_int, default=2, help="extra attempts when a device is UNAVAILABLE (default: 2)")
-    agg.add_argument("--strict", action="store_true", help="fail a request when any device misses it")
+    _add_aggregator_args(agg, max_batch=False)
     agg.add_argument("--coalesce", type=positive_int, default=1, help="merge requests that queue up under load into one device call of up to N images (default: 1, off)")
     _add_client_tls_args(agg, "device-tls", "devices")
     s.set_defaults(func=_serve)
@@ -124,6 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             head_threads=args.threads,
             coalesce=args.coalesce,
+            transport=args.transport,
         )
         backend = AggregatorBackend(aggregator, name=args.name or "ensemble")
     elif args.bundle is not None:
@@ -143,7 +149,10 @@ def _serve(args: argparse.Namespace) -> int:
         backend = OnnxBackend(model, args.name, max_batch=args.max_batch, workers=args.workers)
     else:
         raise CLIError("nothing to serve: give --bundle DIR --student K, --model FILE --name NAME, or --bundle DIR --aggregate --devices ...")
-    serve_backends(backend, host=args.host, port=args.port, tls=tls, grace_s=args.grace, ready_file=args.ready_file)
+    serve_backends(
+        backend, host=args.host, port=args.port, tls=tls, grace_s=args.grace, ready_file=args.ready_file,
+        max_streams=args.max_streams,
+    )  # fmt: skip
     return 0
 
 
@@ -200,7 +209,7 @@ def _infer(args: argparse.Namespace) -> int:
     errors: dict[str, str] = {}
     with Aggregator(
         bundle, args.devices, deadline_s=args.deadline, retries=args.retries, strict=args.strict,
-        tls=_client_tls(args, "tls"), max_batch=args.max_batch,
+        tls=_client_tls(args, "tls"), max_batch=args.max_batch, transport=args.transport,
     ) as aggregator:  # fmt: skip
         for problem in aggregator.check_devices_sync():
             print(f"nonn infer: warning: {problem}", file=sys.stderr)
