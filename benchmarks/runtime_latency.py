@@ -5,15 +5,17 @@
 
 Measures, on the same inputs, in one run:
 - batch-1 latency (p50/p99) of every student run in-process with ONNX Runtime, and of the
-  aggregator (fan-out to K `nonn serve` processes over loopback gRPC + head); overhead = the
-  aggregator's p50 minus the slowest student's p50;
+  aggregator (fan-out to K `nonn serve` processes over loopback gRPC + head), once with one
+  ModelStreamInfer stream per device (the default) and once with plain ModelInfer calls;
+  overhead = the aggregator's p50 minus the slowest student's p50;
 - throughput: the slowest student back to back in-process vs the aggregator with
   --concurrency requests in flight;
 - each device server's resident memory (peak, psutil / VmHWM) and bytes on the wire per
   inference per device (serialized request and reply sizes).
 Goals: overhead < 1.5 ms, aggregator throughput >= 80% of the slowest student's, RSS < 80 MB.
 Throughput only compares like with like when the machine has a core per device thread plus one
-for the aggregator; the script prints the core count next to the ratio.
+for the aggregator; the script prints the core count next to the ratio, and the throughput the
+students' compute alone would allow on these cores.
 """
 
 from __future__ import annotations
@@ -100,12 +102,12 @@ def memory_breakdown(pid: int) -> dict[str, float]:
     return out
 
 
-async def aggregator_run(agg: Aggregator, inputs: np.ndarray, concurrency: int, warmup: int, device_pids: list[int]) -> dict:
+async def latency_run(agg: Aggregator, inputs: np.ndarray, warmup: int, device_pids: list[int]) -> dict:
+    """Batch-1 requests one at a time: latency percentiles and the CPU time of every process."""
     import psutil
 
     for x in inputs[:warmup]:
         await agg.infer(x[None])
-    # Latency: one request at a time; CPU time of every process over the same requests.
     processes = [psutil.Process()] + [psutil.Process(pid) for pid in device_pids]
     cpu_before = cpu_seconds(processes)
     times, last = [], None
@@ -115,6 +117,18 @@ async def aggregator_run(agg: Aggregator, inputs: np.ndarray, concurrency: int, 
         times.append(time.perf_counter() - t)
     cpu_ms = [(after - before) / len(inputs) * 1e3 for before, after in zip(cpu_before, cpu_seconds(processes))]
     p50, p99 = percentiles(times)
+    return {
+        "transports": agg.transports,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "cpu_ms_per_request": {"aggregator": cpu_ms[0], "devices": cpu_ms[1:]},
+        "bytes_sent": last.bytes_sent,
+        "bytes_received": last.bytes_received,
+    }
+
+
+async def aggregator_run(agg: Aggregator, inputs: np.ndarray, concurrency: int, warmup: int, device_pids: list[int]) -> dict:
+    latency = await latency_run(agg, inputs, warmup, device_pids)
     # Throughput: `concurrency` batch-1 requests in flight until every input was answered,
     # first one device call per request, then with queued requests coalesced.
     degraded = 0
@@ -137,16 +151,7 @@ async def aggregator_run(agg: Aggregator, inputs: np.ndarray, concurrency: int, 
 
     plain = await throughput(1)
     coalesced = await throughput(concurrency)
-    return {
-        "p50_ms": p50,
-        "p99_ms": p99,
-        "throughput": plain,
-        "throughput_coalesced": coalesced,
-        "degraded_answers": degraded,
-        "cpu_ms_per_request": {"aggregator": cpu_ms[0], "devices": cpu_ms[1:]},
-        "bytes_sent": last.bytes_sent,
-        "bytes_received": last.bytes_received,
-    }
+    return {**latency, "throughput": plain, "throughput_coalesced": coalesced, "degraded_answers": degraded}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20, help="untimed requests first (default: 20)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight for the throughput run (default: 8)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per device and in-process (default: 1)")
+    p.add_argument("--transport", choices=("auto", "stream", "unary"), default="auto", help="how the aggregator calls the devices (default: auto, i.e. streams)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -179,16 +185,23 @@ def main(argv: list[str] | None = None) -> int:
         profiles = [{"name": "local", "threads": args.threads}] * bundle.num_students
         with LocalFleet(bundle_dir, profiles, memory_interval_s=0.2, log_dir=Path(tmp) / "logs") as fleet:
 
-            async def run() -> dict:
-                async with Aggregator(bundle, fleet.endpoints, deadline_s=10.0) as agg:
-                    return await aggregator_run(agg, inputs, args.concurrency, args.warmup, fleet.pids())
+            async def run() -> tuple[dict, dict]:
+                # Ours (one stream per device) and plain ModelInfer calls, on the same devices.
+                async with Aggregator(bundle, fleet.endpoints, deadline_s=10.0, transport="unary") as agg:
+                    unary = await latency_run(agg, inputs, args.warmup, fleet.pids())
+                async with Aggregator(bundle, fleet.endpoints, deadline_s=10.0, transport=args.transport) as agg:
+                    return await aggregator_run(agg, inputs, args.concurrency, args.warmup, fleet.pids()), unary
 
-            agg = asyncio.run(run())
+            agg, unary = asyncio.run(run())
             devices = fleet.summary()
             memory = [memory_breakdown(pid) for pid in fleet.pids()]
 
     overhead = agg["p50_ms"] - slowest["p50_ms"]
+    unary_overhead = unary["p50_ms"] - slowest["p50_ms"]
     ratio = agg["throughput"] / slowest["throughput"]
+    # What the students' compute alone allows here: all K students of each image on the machine's
+    # cores, with no gRPC, no head and no Python at all.
+    compute_bound = (os.cpu_count() or 1) / sum(1.0 / s["throughput"] for s in students)
     ratio_coalesced = agg["throughput_coalesced"] / slowest["throughput"]
     rss = max(d["peak_rss_mb"] for d in devices)
     out = {
@@ -200,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": args.concurrency,
         "students_in_process": students,
         "aggregator": agg,
+        "aggregator_unary": unary,
         "overhead_p50_ms": overhead,
+        "overhead_p50_ms_unary": unary_overhead,
+        "compute_bound_throughput": compute_bound,
         "throughput_ratio": ratio,
         "throughput_ratio_coalesced": ratio_coalesced,
         "device_peak_rss_mb": [d["peak_rss_mb"] for d in devices],
@@ -213,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} CPU cores; {bundle.num_students} devices x {args.threads} ONNX Runtime thread(s); {args.requests} batch-1 requests")
     for s, params in zip(students, out["student_params"]):
         print(f"  in-process {s['student']:>10} ({params:,} params): p50 {s['p50_ms']:.3f} ms  p99 {s['p99_ms']:.3f} ms  {s['throughput']:.0f} img/s")
-    print(f"  aggregator over {bundle.num_students} device processes: p50 {agg['p50_ms']:.3f} ms  p99 {agg['p99_ms']:.3f} ms")
+    print(f"  aggregator over {bundle.num_students} device processes ({'/'.join(sorted(set(agg['transports'])))}): p50 {agg['p50_ms']:.3f} ms  p99 {agg['p99_ms']:.3f} ms")
+    print(f"  same, plain ModelInfer calls (unary):          p50 {unary['p50_ms']:.3f} ms  p99 {unary['p99_ms']:.3f} ms")
     print(f"overhead p50 (aggregator - slowest student {slowest['student']}): {overhead:.3f} ms  [{goal(overhead < GOAL_OVERHEAD_MS)} < {GOAL_OVERHEAD_MS} ms]")
+    print(f"  unary: {unary_overhead:.3f} ms; stream/unary overhead ratio {overhead / unary_overhead:.2f}")
     print(
         f"throughput: aggregator {agg['throughput']:.0f} img/s with {args.concurrency} in flight vs slowest student in-process "
         f"{slowest['throughput']:.0f} img/s: ratio {ratio:.2f}  [{goal(ratio >= GOAL_THROUGHPUT_RATIO)} >= {GOAL_THROUGHPUT_RATIO}]"
@@ -223,12 +241,17 @@ def main(argv: list[str] | None = None) -> int:
         f"            with queued requests coalesced (up to {args.concurrency} images per device call): "
         f"{agg['throughput_coalesced']:.0f} img/s: ratio {ratio_coalesced:.2f}  [{goal(ratio_coalesced >= GOAL_THROUGHPUT_RATIO)} >= {GOAL_THROUGHPUT_RATIO}]"
     )
-    cpu = agg["cpu_ms_per_request"]
     print(
-        f"CPU per batch-1 request: aggregator {cpu['aggregator']:.3f} ms, devices "
-        f"{', '.join(f'{v:.3f}' for v in cpu['devices'])} ms (in-process student: ~{slowest['p50_ms']:.3f} ms)"
+        f"  bound from the students' compute alone on {os.cpu_count()} cores: {compute_bound:.0f} img/s, "
+        f"ratio {compute_bound / slowest['throughput']:.2f}"
     )
-    print(f"degraded answers: {agg['degraded_answers']} of {3 * args.requests}")
+    for label, run in (("stream", agg), ("unary", unary)):
+        cpu = run["cpu_ms_per_request"]
+        print(
+            f"CPU per batch-1 request ({label}): aggregator {cpu['aggregator']:.3f} ms, devices "
+            f"{', '.join(f'{v:.3f}' for v in cpu['devices'])} ms (in-process student: ~{slowest['p50_ms']:.3f} ms)"
+        )
+    print(f"degraded answers: {agg['degraded_answers']} of {2 * args.requests} (throughput runs)")
     print(f"device server peak RSS: {', '.join(f'{v:.1f}' for v in out['device_peak_rss_mb'])} MB  [{goal(rss < GOAL_RSS_MB)} < {GOAL_RSS_MB:.0f} MB]")
     for m in memory:
         print(f"  RSS {m['VmRSS']:.1f} MB = {m['RssAnon']:.1f} MB private (heap) + {m['RssFile']:.1f} MB mapped files (shared libraries)")
