@@ -100,9 +100,15 @@ def numpy_dtype(datatype: str) -> np.dtype:
         ) from None
 
 
+_DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
+
+
 def datatype_of(dtype: np.dtype | type | str) -> str:
     """The KServe datatype string for a numpy dtype (float32 -> "FP32")."""
     dtype = np.dtype(dtype)
+    known = _DATATYPE_OF.get(dtype)
+    if known is not None:
+        return known
     for name, candidate in DATATYPES.items():
         if candidate.kind == dtype.kind and candidate.itemsize == dtype.itemsize:
             return name

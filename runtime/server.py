@@ -143,7 +143,8 @@ class OnnxBackend(ModelBackend):
         self.outputs = list(model.outputs)
         self.max_batch = max_batch
         self.concurrency = workers
-        self._slots = threading.BoundedSemaphore(workers)
+        # One worker (a small device's default): a plain lock, cheaper per request than a semaphore.
+        self._slots = threading.Lock() if workers == 1 else threading.BoundedSemaphore(workers)
 
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> InferOutput:
         with self._slots:
@@ -165,6 +166,15 @@ def message_limit(backends: Sequence[ModelBackend]) -> int:
 
 def _config_dims(spec: TensorSpec) -> list[int]:
     return list(spec.shape[1:] if spec.batched else spec.shape)
+
+
+class _StreamState:
+    """Whether an open stream is handling a request (set by its handler thread, read on shutdown)."""
+
+    __slots__ = ("busy",)
+
+    def __init__(self) -> None:
+        self.busy = False
 
 
 def _not_supported(method: str):
@@ -195,7 +205,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.stopping = False
         self.max_streams = max_streams
         self._stream_slots = threading.BoundedSemaphore(max_streams) if max_streams else threading.Semaphore(0)
-        self._open_streams: dict[Any, threading.Event] = {}
+        self._open_streams: dict[Any, _StreamState] = {}
 
     # -- lookup -----------------------------------------------------------------------------
     def _find(self, name: str, version: str) -> ModelBackend | None:
@@ -320,14 +330,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this server already has {self.max_streams} open streams; use ModelInfer",
             )
-        idle = threading.Event()
-        idle.set()
-        self._open_streams[context] = idle
+        state = _StreamState()
+        self._open_streams[context] = state
         try:
             if self.stopping:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
             for request in request_iterator:
-                idle.clear()
+                state.busy = True
                 if isinstance(request, _UndecodableRequest):
                     yield pb.ModelStreamInferResponse(error_message=request.message())
                 else:
@@ -344,7 +353,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                         )
                 if self.stopping:
                     return
-                idle.set()
+                state.busy = False
         finally:
             self._open_streams.pop(context, None)
             self._stream_slots.release()
@@ -354,8 +363,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def end_idle_streams(self) -> None:
         """On shutdown: cancel streams waiting for their next request (busy ones end after their reply)."""
         self.stopping = True
-        for context, idle in list(self._open_streams.items()):
-            if idle.is_set():
+        for context, state in list(self._open_streams.items()):
+            if not state.busy:
                 context.cancel()
 
     # -- optional parts of the protocol this server does not offer ----------------------------
