@@ -13,7 +13,9 @@ client side can tidy them up):
 - huge tensors (some above the server's message limit) and empty ones;
 - well-formed tensors full of NaN, +Inf and -Inf (these must be answered: the values are legal);
 - random bytes to the other RPCs (metadata, readiness, config, grpc.health.v1 Check) and to
-  methods that do not exist.
+  methods that do not exist;
+- then the ModelInfer cases of a second seed as messages on ModelStreamInfer streams, where a
+  refused message must get an error_message reply and leave its stream open.
 Every request must end with a well-formed gRPC status from the server: OK with a reply that
 parses, or a refusal the server chose (INVALID_ARGUMENT, also for bytes that do not decode as
 the request message; NOT_FOUND; RESOURCE_EXHAUSTED for a message over the limit;
@@ -294,11 +296,11 @@ def generate(seed: int, count: int, limit_bytes: int) -> Iterator[FuzzCase]:
             yield FuzzCase(SERVICE + "ModelInfer", good_request(images, str(i)).SerializeToString(), "good", True, images)
 
 
-def _check_reply(case: FuzzCase, reply: bytes, reference: Callable[[np.ndarray], np.ndarray]) -> str | None:
+def _check_reply(case: FuzzCase, reply: bytes | pb.ModelInferResponse, reference: Callable[[np.ndarray], np.ndarray]) -> str | None:
     """None when an OK reply is right; otherwise what is wrong with it."""
     if case.method != SERVICE + "ModelInfer":
         return None
-    response = pb.ModelInferResponse.FromString(reply)
+    response = pb.ModelInferResponse.FromString(reply) if isinstance(reply, bytes) else reply
     if case.images is None:
         return None
     if len(response.outputs) != 1 or list(response.outputs[0].shape) != [len(case.images), FEATURES]:
@@ -364,6 +366,67 @@ def fuzz(
                 print(f"  {i + 1} requests, {report.failure_count} failures", file=sys.stderr, flush=True)
         while pending:
             settle(*pending.popleft())
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def fuzz_stream(
+    address: str,
+    seed: int,
+    count: int,
+    reference: Callable[[np.ndarray], np.ndarray],
+    *,
+    limit_bytes: int,
+    timeout_s: float = 10.0,
+    per_stream: int = 50,
+) -> FuzzReport:
+    """The ModelInfer cases of `generate` as messages on ModelStreamInfer streams.
+
+    Up to `per_stream` messages share a stream. Every message must get exactly one reply, in
+    order: a correct answer, or an error_message (counted as STREAM_ERROR) for a refused one;
+    requests that must be answered must not be refused. A message over the size limit may end
+    its stream with RESOURCE_EXHAUSTED, so such a message travels on a stream of its own; any
+    other way for a stream to end is a failure.
+    """
+    report = FuzzReport()
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 << 20)]
+    started = time.perf_counter()
+    cases = [case for case in generate(seed, count, limit_bytes) if case.method == SERVICE + "ModelInfer"]
+    chunks: list[list[FuzzCase]] = []
+    for case in cases:
+        if case.kind == "huge_or_empty":
+            chunks.append([case])
+        elif not chunks or len(chunks[-1]) >= per_stream or chunks[-1][0].kind == "huge_or_empty":
+            chunks.append([case])
+        else:
+            chunks[-1].append(case)
+    with grpc.insecure_channel(address, options) as channel:
+        stream = channel.stream_stream(
+            SERVICE + "ModelStreamInfer", request_serializer=None, response_deserializer=pb.ModelStreamInferResponse.FromString
+        )
+        for chunk in chunks:
+            replies: list[pb.ModelStreamInferResponse] = []
+            ended = "OK"
+            try:
+                for reply in stream(iter([case.payload for case in chunk]), timeout=timeout_s):
+                    replies.append(reply)
+            except grpc.RpcError as exc:
+                ended = exc.code().name
+            if ended != "OK" and not (ended == "RESOURCE_EXHAUSTED" and chunk[0].kind == "huge_or_empty"):
+                report.fail(f"a stream of {[c.kind for c in chunk]} ended with {ended}")
+            if ended == "OK" and len(replies) != len(chunk):
+                report.fail(f"{len(chunk)} messages on a stream got {len(replies)} replies")
+            for index, case in enumerate(chunk):
+                code = ended if index >= len(replies) else "STREAM_ERROR" if replies[index].error_message else "OK"
+                report.requests += 1
+                report.statuses[code] += 1
+                report.by_kind[case.kind][code] += 1
+                if code == "STREAM_ERROR" and case.expect_ok:
+                    report.fail(f"{case.kind}: a legal request was refused: {replies[index].error_message!r}")
+                elif code == "OK":
+                    problem = _check_reply(case, replies[index].infer_response, reference)
+                    if problem:
+                        report.fail("stream: " + problem)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -443,8 +506,12 @@ def message_limit_bytes() -> int:
     return message_limit([backend])
 
 
-def run(seed: int, count: int, workdir: Path, window: int = 8, progress: bool = False) -> dict[str, Any]:
-    """Start a server, warm it up, fuzz it, then check it is alive and still right; returns the report."""
+def run(seed: int, count: int, workdir: Path, window: int = 8, progress: bool = False, stream_count: int = 0) -> dict[str, Any]:
+    """Start a server, warm it up, fuzz it, then check it is alive and still right; returns the report.
+
+    `stream_count` more cases (their ModelInfer part) then go over ModelStreamInfer streams;
+    their report is under "stream".
+    """
     from nonn.runtime.onnx_model import OnnxModel
 
     model_path = tiny_model(workdir / "student.onnx")
@@ -461,6 +528,11 @@ def run(seed: int, count: int, workdir: Path, window: int = 8, progress: bool = 
                 infer(good_request(probe).SerializeToString(), timeout=10)
         rss_before = server.rss_mb()
         report = fuzz(server.address, seed, count, reference, limit_bytes=message_limit_bytes(), window=window, progress=progress)
+        streamed = (
+            fuzz_stream(server.address, seed + 1, stream_count, reference, limit_bytes=message_limit_bytes())
+            if stream_count
+            else None
+        )
         alive = server.alive()
         with grpc.insecure_channel(server.address) as channel:
             infer = channel.unary_unary(SERVICE + "ModelInfer", request_serializer=None, response_deserializer=None)
@@ -470,6 +542,8 @@ def run(seed: int, count: int, workdir: Path, window: int = 8, progress: bool = 
         rss_after = server.rss_mb()
         alive = alive and server.alive()
     out = report.to_dict()
+    if streamed is not None:
+        out["stream"] = streamed.to_dict()
     out.update(
         seed=seed,
         server_alive=alive,
@@ -486,22 +560,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=10_000, help="fuzz requests to send (default: 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request generator (default: 0)")
     parser.add_argument("--window", type=int, default=8, help="requests in flight at once (default: 8)")
+    parser.add_argument("--stream-requests", type=int, default=5_000,
+                        help="then this many cases over ModelStreamInfer streams (their ModelInfer part; default: 5000)")
     parser.add_argument("--json", default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.window < 1:
         parser.error("--requests and --window must be at least 1")
     with tempfile.TemporaryDirectory(prefix="nonn-fuzz-") as tmp:
-        result = run(args.seed, args.requests, Path(tmp), window=args.window, progress=True)
+        result = run(args.seed, args.requests, Path(tmp), window=args.window, progress=True, stream_count=args.stream_requests)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
         from nonn.artifacts import atomic_write_text
 
         atomic_write_text(args.json, text + "\n")
-    ok = result["failures"] == 0 and result["server_alive"] and result["good_request_after"]
+    stream_failures = result.get("stream", {}).get("failures", 0)
+    ok = result["failures"] == 0 and stream_failures == 0 and result["server_alive"] and result["good_request_after"]
     print(
         f"fuzz: {result['requests']} requests in {result['seconds']} s, {result['failures']} failures, "
-        f"server {'alive' if result['server_alive'] else 'DEAD'}, good request after: {result['good_request_after']}, "
+        + (f"{result['stream']['requests']} streamed messages, {stream_failures} failures, " if "stream" in result else "")
+        + f"server {'alive' if result['server_alive'] else 'DEAD'}, good request after: {result['good_request_after']}, "
         f"RSS {result['rss_mb_before']} -> {result['rss_mb_after']} MB",
         file=sys.stderr,
     )

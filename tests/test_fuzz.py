@@ -43,9 +43,12 @@ def test_generator_is_deterministic_and_covers_every_kind():
 
 
 def test_seeded_fuzz_every_request_gets_a_status_and_the_server_survives(tmp_path):
-    report = fuzz.run(seed=1, count=2000, workdir=tmp_path)
+    report = fuzz.run(seed=1, count=2000, workdir=tmp_path, stream_count=1000)
     assert report["requests"] == 2000
     assert report["failures"] == 0, report["failure_examples"]
+    streamed = report["stream"]
+    assert streamed["failures"] == 0, streamed["failure_examples"]
+    assert streamed["statuses"].get("OK", 0) > 0 and streamed["statuses"].get("STREAM_ERROR", 0) > 0, streamed["statuses"]
     assert report["server_alive"] and report["good_request_after"]
     # The run reached the server's validation, its size limit, lookups, and the model itself.
     statuses = report["statuses"]
