@@ -552,9 +552,9 @@ class DeviceServer:
             else:
                 bound = server.add_insecure_port(target)
         except RuntimeError as exc:
-            raise OSError(f"cannot bind {target}: {exc}") from exc
+            raise OSError(f"cannot bind {target}: the port is in use or the address is not available here") from exc
         if not bound:
-            raise OSError(f"cannot bind {target} (address in use or not available)")
+            raise OSError(f"cannot bind {target}: the port is in use or the address is not available here")
         server.start()
         self._server = server
         self.port = bound

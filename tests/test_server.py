@@ -263,6 +263,12 @@ def test_message_size_limit(server, stub):
     assert stub.ModelInfer(good_request(np.ones((1, *SHAPE), np.float32)), timeout=5).outputs
 
 
+def test_cli_serve_on_a_port_in_use_is_a_clean_error(server, model_path, capsys):
+    assert main(["serve", "--model", str(model_path), "--name", "other", "--port", str(server.port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot bind 127.0.0.1:{server.port}: the port is in use" in err and "Traceback" not in err
+
+
 def test_metadata_for_unknown_model_is_not_found(stub):
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"), timeout=5)

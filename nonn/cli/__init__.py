@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
+    except (CLIError, ValueError, OSError) as exc:  # OSError: missing files, permissions, ports in use
         if args.verbose:
             raise
         print(f"nonn: error: {exc}", file=sys.stderr)
