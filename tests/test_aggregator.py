@@ -244,6 +244,7 @@ def test_cli_infer_json(bundle, devices, tmp_path, capsys):
     assert report["predictions"] == reference_logits(bundle, x).argmax(1).tolist()
     assert report["batches"] == 3 and report["degraded_batches"] == 0
     assert [d["contributed_images"] for d in report["devices"]] == [7] * 4
+    assert [d["transport"] for d in report["devices"]] == ["stream"] * 4
 
 
 def test_bad_inputs_are_named(bundle, devices, tmp_path, capsys):

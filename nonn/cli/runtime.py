@@ -227,6 +227,7 @@ def _infer(args: argparse.Namespace) -> int:
                 if error:
                     errors[endpoint] = error
         endpoints = aggregator.endpoints
+        transports = aggregator.transports
     n_images = len(predictions)
     report = {
         "images": n_images,
@@ -240,12 +241,13 @@ def _infer(args: argparse.Namespace) -> int:
             {
                 "student": s.name,
                 "endpoint": endpoint,
+                "transport": transport,
                 "contributed_images": int(c),
                 "bytes_sent_per_image": float(b_out / max(n_images, 1)),
                 "bytes_received_per_image": float(b_in / max(n_images, 1)),
                 "last_error": errors.get(endpoint),
             }
-            for s, endpoint, c, b_out, b_in in zip(bundle.students, endpoints, contributed, sent, received)
+            for s, endpoint, transport, c, b_out, b_in in zip(bundle.students, endpoints, transports, contributed, sent, received)
         ],
     }
     if args.json:
@@ -267,7 +269,7 @@ def _infer(args: argparse.Namespace) -> int:
     for d in report["devices"]:
         status = f"{d['contributed_images']}/{n_images} images"
         print(
-            f"  {d['student']} @ {d['endpoint']}: {status}, {d['bytes_sent_per_image']:.0f} B sent / "
+            f"  {d['student']} @ {d['endpoint']} ({d['transport']}): {status}, {d['bytes_sent_per_image']:.0f} B sent / "
             f"{d['bytes_received_per_image']:.0f} B received per image"
             + (f"; last error: {d['last_error']}" if d["last_error"] else "")
         )
