@@ -61,6 +61,8 @@ DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "IN
              "FP16", "FP32", "FP64", "BYTES", "BF16", "", "fp32", "FP32\x00", "\u00e9\u00e9"]  # fmt: skip
 # The statuses a healthy server may answer with; anything else is a failure.
 ACCEPTED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNIMPLEMENTED"}
+# The fuzzing client sends anything and reads replies of any size: the server's limits are under test.
+_CLIENT_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 << 20)]
 # Requests that are fine on the wire and must be answered OK (and correctly).
 MUST_ANSWER = {"nan_inf", "good"}
 
@@ -86,6 +88,11 @@ class FuzzReport:
     failures: list[str] = field(default_factory=list)
     failure_count: int = 0
     seconds: float = 0.0
+
+    def record(self, kind: str, code: str) -> None:
+        self.requests += 1
+        self.statuses[code] += 1
+        self.by_kind[kind][code] += 1
 
     def fail(self, message: str) -> None:
         self.failure_count += 1
@@ -329,9 +336,8 @@ def fuzz(
     concurrent bad requests.
     """
     report = FuzzReport()
-    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 << 20)]
     started = time.perf_counter()
-    with grpc.insecure_channel(address, options) as channel:
+    with grpc.insecure_channel(address, _CLIENT_OPTIONS) as channel:
         calls: dict[str, grpc.UnaryUnaryMultiCallable] = {}
 
         def settle(case: FuzzCase, future: grpc.Future) -> None:
@@ -341,9 +347,7 @@ def fuzz(
             except grpc.RpcError as exc:
                 code = exc.code().name
                 reply = None
-            report.requests += 1
-            report.statuses[code] += 1
-            report.by_kind[case.kind][code] += 1
+            report.record(case.kind, code)
             if code not in ACCEPTED:
                 report.fail(f"{case.kind} to {case.method.rsplit('/', 1)[-1]}: {code}: {future.exception().details()!r}")
             elif case.expect_ok and code != "OK":
@@ -389,7 +393,6 @@ def fuzz_stream(
     other way for a stream to end is a failure.
     """
     report = FuzzReport()
-    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 64 << 20)]
     started = time.perf_counter()
     cases = [case for case in generate(seed, count, limit_bytes) if case.method == SERVICE + "ModelInfer"]
     chunks: list[list[FuzzCase]] = []
@@ -400,7 +403,7 @@ def fuzz_stream(
             chunks.append([case])
         else:
             chunks[-1].append(case)
-    with grpc.insecure_channel(address, options) as channel:
+    with grpc.insecure_channel(address, _CLIENT_OPTIONS) as channel:
         stream = channel.stream_stream(
             SERVICE + "ModelStreamInfer", request_serializer=None, response_deserializer=pb.ModelStreamInferResponse.FromString
         )
@@ -418,9 +421,7 @@ def fuzz_stream(
                 report.fail(f"{len(chunk)} messages on a stream got {len(replies)} replies")
             for index, case in enumerate(chunk):
                 code = ended if index >= len(replies) else "STREAM_ERROR" if replies[index].error_message else "OK"
-                report.requests += 1
-                report.statuses[code] += 1
-                report.by_kind[case.kind][code] += 1
+                report.record(case.kind, code)
                 if code == "STREAM_ERROR" and case.expect_ok:
                     report.fail(f"{case.kind}: a legal request was refused: {replies[index].error_message!r}")
                 elif code == "OK":
