@@ -237,8 +237,8 @@ class _DeviceStream:
     """One ModelStreamInfer stream to a device, shared by every request to it.
 
     Opened on first use and reopened after it breaks. Replies are matched to requests by id
-    (the oldest waiting request when a reply carries none); when the stream breaks, every
-    waiting request fails with StreamBroken carrying the stream's status.
+    (the oldest waiting request when a reply carries none); when a stream breaks, every request
+    waiting on it fails with StreamBroken carrying the stream's status.
     """
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
@@ -248,64 +248,77 @@ class _DeviceStream:
             response_deserializer=pb.ModelStreamInferResponse.FromString,
         )
         self._call: Any = None
-        self._reader: asyncio.Task | None = None
-        self._pending: dict[str, asyncio.Future] = {}
+        self._readers: set[asyncio.Task] = set()
+        # Waiting requests by id, with the stream each was written to.
+        self._pending: dict[str, tuple[Any, asyncio.Future]] = {}
         self._write_lock = asyncio.Lock()
 
     def _ensure_open(self) -> Any:
         if self._call is None:
             self._call = self._open()
-            self._reader = asyncio.ensure_future(self._read(self._call))
+            reader = asyncio.ensure_future(self._read(self._call))
+            self._readers.add(reader)
+            reader.add_done_callback(self._readers.discard)
         return self._call
+
+    def _forget(self, call: Any) -> None:
+        if self._call is call:
+            self._call = None
 
     async def _read(self, call: Any) -> None:
         failure = StreamBroken(grpc.StatusCode.UNAVAILABLE, "the device closed the stream")
         try:
             async for reply in call:
-                future = self._pending.pop(reply.infer_response.id, None)
-                if future is None and self._pending:  # no id echoed: replies come in request order
-                    future = self._pending.pop(next(iter(self._pending)))
-                if future is not None and not future.done():
-                    future.set_result(reply)
+                request_id = reply.infer_response.id
+                entry = self._pending.get(request_id)
+                if entry is None or entry[0] is not call:  # no id echoed: replies come in request order
+                    request_id = next((k for k, e in self._pending.items() if e[0] is call), None)
+                    entry = self._pending.get(request_id) if request_id is not None else None
+                if entry is not None:
+                    del self._pending[request_id]
+                    if not entry[1].done():
+                        entry[1].set_result(reply)
         except grpc.aio.AioRpcError as exc:
             failure = StreamBroken(exc.code(), exc.details() or "")
         except asyncio.CancelledError:
             failure = StreamBroken(grpc.StatusCode.CANCELLED, "the aggregator closed the stream")
         finally:
-            if self._call is call:
-                self._call = None
-            pending, self._pending = self._pending, {}
-            for future in pending.values():
-                if not future.done():
-                    future.set_exception(failure)
+            self._forget(call)
+            for request_id, (owner, future) in list(self._pending.items()):
+                if owner is call:
+                    del self._pending[request_id]
+                    if not future.done():
+                        future.set_exception(failure)
 
     async def infer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
         """Send one request and wait for its reply (the caller bounds the wait)."""
         call = self._ensure_open()
         future = asyncio.get_running_loop().create_future()
-        self._pending[request.id] = future
+        entry = (call, future)
+        self._pending[request.id] = entry
         try:
             async with self._write_lock:
                 try:
                     await call.write(request)
                 except grpc.aio.AioRpcError as exc:
+                    self._forget(call)
                     raise StreamBroken(exc.code(), exc.details() or "") from None
                 except asyncio.InvalidStateError:  # the stream had already ended: report how
+                    self._forget(call)
                     code = await call.code()
                     if code == grpc.StatusCode.OK:
                         raise StreamBroken(grpc.StatusCode.UNAVAILABLE, "the device closed the stream") from None
                     raise StreamBroken(code, await call.details() or "") from None
             return await future
         finally:
-            if self._pending.get(request.id) is future:
+            if self._pending.get(request.id) is entry:
                 del self._pending[request.id]
 
     async def close(self) -> None:
         if self._call is not None:
             self._call.cancel()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
-        self._call = self._reader = None
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        self._call = None
 
 
 class Aggregator:
@@ -521,15 +534,20 @@ class Aggregator:
         raws = reply.raw_output_contents
         return decode_output(tensor, raws[index] if index < len(raws) else None)
 
+    async def _unary(self, k: int, request: pb.ModelInferRequest, timeout: float) -> tuple[pb.ModelInferResponse, int]:
+        try:
+            reply = await self._calls[k](request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _CallFailed(exc.code(), exc.details() or "") from None
+        return reply, reply.ByteSize()
+
     async def _exchange(self, k: int, request: pb.ModelInferRequest, timeout: float) -> tuple[pb.ModelInferResponse, int]:
         """One attempt at device k: (reply, reply bytes), or _CallFailed with the gRPC status."""
         stream = self._streams[k] if self._streams else None
         if stream is None:
-            try:
-                reply = await self._calls[k](request, timeout=timeout)
-            except grpc.aio.AioRpcError as exc:
-                raise _CallFailed(exc.code(), exc.details() or "") from None
-            return reply, reply.ByteSize()
+            return await self._unary(k, request, timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
             if _HAS_ASYNCIO_TIMEOUT:  # a timer on this task: cheaper than wait_for's extra task
                 async with asyncio.timeout(timeout):
@@ -539,10 +557,14 @@ class Aggregator:
         except asyncio.TimeoutError:
             raise _CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except StreamBroken as exc:
-            if exc.code in _NO_STREAM and self.transport == "auto":
+            if self.transport == "auto" and exc.code in _NO_STREAM:
                 log.info("%s does not stream (%s); calling it with ModelInfer", self.endpoints[k], exc)
                 self._streams[k] = None
-                return await self._exchange(k, request, timeout)
+                return await self._unary(k, request, max(deadline - loop.time(), 1e-3))
+            if self.transport == "auto" and exc.code == grpc.StatusCode.INTERNAL:
+                # gRPC reports a stream refused while a write was under way as INTERNAL (and then
+                # the real status is lost): this attempt goes unary, the next one streams again.
+                return await self._unary(k, request, max(deadline - loop.time(), 1e-3))
             # A stream cancelled under us (the device is restarting) is as retryable as no connection.
             code = grpc.StatusCode.UNAVAILABLE if exc.code == grpc.StatusCode.CANCELLED else exc.code
             raise _CallFailed(code, exc.details) from None

@@ -333,7 +333,8 @@ def test_auto_transport_falls_back_to_unary_for_a_device_that_does_not_stream(bu
         with Aggregator(bundle, endpoints, deadline_s=5, retries=0, transport="stream") as agg:
             result = agg.infer_sync(batch(1))
         assert result.contributed == [True, True, True, False]
-        assert "RESOURCE_EXHAUSTED" in result.errors[3]
+        # gRPC reports the refusal as INTERNAL when it races the first write (about 2% of the time).
+        assert "RESOURCE_EXHAUSTED" in result.errors[3] or "INTERNAL: Internal error from Core" in result.errors[3]
     finally:
         unary_only.stop(0)
 
