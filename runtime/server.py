@@ -204,7 +204,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.ready = False
         self.stopping = False
         self.max_streams = max_streams
-        self._stream_slots = threading.BoundedSemaphore(max_streams) if max_streams else threading.Semaphore(0)
+        self._stream_slots = threading.BoundedSemaphore(max_streams)
         self._open_streams: dict[Any, _StreamState] = {}
 
     # -- lookup -----------------------------------------------------------------------------
@@ -214,13 +214,20 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return None
         return backend
 
-    def _get(self, name: str, version: str, context: grpc.ServicerContext) -> ModelBackend:
+    def _require(self, name: str, version: str) -> ModelBackend:
+        """The backend serving `name` (and `version`, if given); RequestError NOT_FOUND otherwise."""
         backend = self._find(name, version)
         if backend is None:
             known = ", ".join(sorted(self.backends)) or "none"
             what = f"model {name!r}" + (f" version {version!r}" if version else "")
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown {what}; this server hosts: {known}")
-        return backend  # type: ignore[return-value]
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown {what}; this server hosts: {known}")
+        return backend
+
+    def _get(self, name: str, version: str, context: grpc.ServicerContext) -> ModelBackend:
+        try:
+            return self._require(name, version)
+        except RequestError as exc:
+            context.abort(exc.code, exc.message)
 
     # -- health and metadata ----------------------------------------------------------------
     def ServerLive(self, request, context):
@@ -276,11 +283,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         The one inference path: ModelInfer turns a RequestError into the call's status,
         ModelStreamInfer into the stream reply's error_message.
         """
-        backend = self._find(request.model_name, request.model_version)
-        if backend is None:
-            known = ", ".join(sorted(self.backends)) or "none"
-            what = f"model {request.model_name!r}" + (f" version {request.model_version!r}" if request.model_version else "")
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown {what}; this server hosts: {known}")
+        backend = self._require(request.model_name, request.model_version)
         if not self.ready:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model {backend.name!r} is not ready")
         try:
