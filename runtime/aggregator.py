@@ -217,18 +217,14 @@ _NO_STREAM = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class _CallFailed(Exception):
-    """One attempt at a device failed: its gRPC status (None for an error reply on a stream)."""
+    """One attempt at a device failed: its gRPC status (None for an error reply on a stream).
+
+    A broken stream fails its waiting requests with the stream's status (UNAVAILABLE when the
+    device closed it cleanly).
+    """
 
     def __init__(self, code: grpc.StatusCode | None, details: str) -> None:
         super().__init__(f"{code.name}: {details}" if code is not None else details)
-        self.code = code
-
-
-class StreamBroken(Exception):
-    """The stream to a device ended; `code` is its gRPC status (UNAVAILABLE when it ended cleanly)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
 
@@ -238,7 +234,7 @@ class _DeviceStream:
 
     Opened on first use and reopened after it breaks. Replies are matched to requests by id
     (the oldest waiting request when a reply carries none); when a stream breaks, every request
-    waiting on it fails with StreamBroken carrying the stream's status.
+    waiting on it fails with _CallFailed carrying the stream's status.
     """
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
@@ -266,7 +262,7 @@ class _DeviceStream:
             self._call = None
 
     async def _read(self, call: Any) -> None:
-        failure = StreamBroken(grpc.StatusCode.UNAVAILABLE, "the device closed the stream")
+        failure = _CallFailed(grpc.StatusCode.UNAVAILABLE, "the device closed the stream")
         try:
             async for reply in call:
                 request_id = reply.infer_response.id
@@ -279,9 +275,9 @@ class _DeviceStream:
                     if not entry[1].done():
                         entry[1].set_result(reply)
         except grpc.aio.AioRpcError as exc:
-            failure = StreamBroken(exc.code(), exc.details() or "")
+            failure = _CallFailed(exc.code(), exc.details() or "")
         except asyncio.CancelledError:
-            failure = StreamBroken(grpc.StatusCode.CANCELLED, "the aggregator closed the stream")
+            failure = _CallFailed(grpc.StatusCode.CANCELLED, "the aggregator closed the stream")
         finally:
             self._forget(call)
             for request_id, (owner, future) in list(self._pending.items()):
@@ -302,13 +298,13 @@ class _DeviceStream:
                     await call.write(request)
                 except grpc.aio.AioRpcError as exc:
                     self._forget(call)
-                    raise StreamBroken(exc.code(), exc.details() or "") from None
+                    raise _CallFailed(exc.code(), exc.details() or "") from None
                 except asyncio.InvalidStateError:  # the stream had already ended: report how
                     self._forget(call)
                     code = await call.code()
                     if code == grpc.StatusCode.OK:
-                        raise StreamBroken(grpc.StatusCode.UNAVAILABLE, "the device closed the stream") from None
-                    raise StreamBroken(code, await call.details() or "") from None
+                        raise _CallFailed(grpc.StatusCode.UNAVAILABLE, "the device closed the stream") from None
+                    raise _CallFailed(code, await call.details() or "") from None
             return await future
         finally:
             if self._pending.get(request.id) is entry:
@@ -556,7 +552,7 @@ class Aggregator:
                 wrapped = await asyncio.wait_for(stream.infer(request), timeout)
         except asyncio.TimeoutError:
             raise _CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
-        except StreamBroken as exc:
+        except _CallFailed as exc:  # the stream broke
             if self.transport == "auto" and exc.code in _NO_STREAM:
                 log.info("%s does not stream (%s); calling it with ModelInfer", self.endpoints[k], exc)
                 self._streams[k] = None
@@ -565,9 +561,10 @@ class Aggregator:
                 # gRPC reports a stream refused while a write was under way as INTERNAL (and then
                 # the real status is lost): this attempt goes unary, the next one streams again.
                 return await self._unary(k, request, max(deadline - loop.time(), 1e-3))
-            # A stream cancelled under us (the device is restarting) is as retryable as no connection.
-            code = grpc.StatusCode.UNAVAILABLE if exc.code == grpc.StatusCode.CANCELLED else exc.code
-            raise _CallFailed(code, exc.details) from None
+            if exc.code == grpc.StatusCode.CANCELLED:
+                # A stream cancelled under us (the device is restarting) is as retryable as no connection.
+                raise _CallFailed(grpc.StatusCode.UNAVAILABLE, exc.details) from None
+            raise
         if wrapped.error_message:
             raise _CallFailed(None, wrapped.error_message)
         return wrapped.infer_response, wrapped.ByteSize()
