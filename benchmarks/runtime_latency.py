@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nonn.runtime.aggregator import Aggregator
+from nonn.runtime.aggregator import TRANSPORTS, Aggregator
 from nonn.runtime.bundle import Bundle
 from nonn.runtime.onnx_model import OnnxModel
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20, help="untimed requests first (default: 20)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight for the throughput run (default: 8)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per device and in-process (default: 1)")
-    p.add_argument("--transport", choices=("auto", "stream", "unary"), default="auto", help="how the aggregator calls the devices (default: auto, i.e. streams)")
+    p.add_argument("--transport", choices=TRANSPORTS, default="auto", help="how the aggregator calls the devices (default: auto, i.e. streams)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 

@@ -102,8 +102,10 @@ def test_atomic_directory_replaces_an_existing_bundle_whole(tmp_path):
 
 
 def test_cli_defaults_match_the_runtime():
-    """The CLI builds its parser without importing grpc, so it repeats this default: keep them equal."""
+    """The CLI builds its parser without importing grpc, so it repeats these: keep them equal."""
+    from nonn.cli import common
     from nonn.cli import runtime as cli_runtime
-    from nonn.runtime import server
+    from nonn.runtime import aggregator, server
 
     assert cli_runtime.DEFAULT_MAX_STREAMS == server.DEFAULT_MAX_STREAMS
+    assert common.TRANSPORTS == aggregator.TRANSPORTS

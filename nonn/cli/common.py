@@ -38,6 +38,18 @@ def add_torch_device_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# nonn.runtime.aggregator.TRANSPORTS, repeated so that building the parser does not import grpc.
+TRANSPORTS = ("auto", "stream", "unary")
+
+
+def add_transport_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--transport", choices=TRANSPORTS, default="auto",
+        help="how the aggregator calls the devices: one ModelStreamInfer stream each (cheaper per request), "
+        "ModelInfer calls, or auto: stream where the device offers it (default: auto)",
+    )  # fmt: skip
+
+
 def add_seed_arg(parser: argparse.ArgumentParser, default: int = 0) -> None:
     parser.add_argument("--seed", type=int, default=default, help=f"random seed (default: {default})")
 

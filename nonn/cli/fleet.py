@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nonn.cli import CLIError
-from nonn.cli.common import add_data_args, add_seed_arg, non_negative_float, non_negative_int, positive_float, positive_int
+from nonn.cli.common import add_data_args, add_seed_arg, add_transport_arg, non_negative_float, non_negative_int, positive_float, positive_int
 
 SIMULATE_EPILOG = """\
 faults (--kill, repeatable):
@@ -71,9 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--retries", type=non_negative_int, default=2, help="extra attempts on UNAVAILABLE (default: 2)")
     run.add_argument("--strict", action="store_true",
                      help="a request fails (is lost) when any device misses it, instead of a degraded answer")
-    run.add_argument("--transport", choices=("auto", "stream", "unary"), default="auto",
-                     help="how the aggregator calls the devices: ModelStreamInfer streams, ModelInfer calls, "
-                     "or auto: stream where offered (default: auto)")
+    add_transport_arg(run)
     run.add_argument("--network", choices=("auto", "netns", "delay", "none"), default="auto",
                      help="network emulation (default: auto; see below)")
     run.add_argument("--startup-timeout", type=positive_float, default=60.0,

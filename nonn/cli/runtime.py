@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from nonn.cli import CLIError
-from nonn.cli.common import non_negative_float, non_negative_int, positive_float, positive_int
+from nonn.cli.common import add_transport_arg, non_negative_float, non_negative_int, positive_float, positive_int
 
 DEFAULT_PORT = 8001
 DEFAULT_MAX_STREAMS = 8  # nonn.runtime.server.DEFAULT_MAX_STREAMS, without importing grpc to build the parser
@@ -22,11 +22,7 @@ def _add_aggregator_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, m
     p.add_argument("--deadline", type=positive_float, default=1.0, help="seconds a device has to answer, retries included (default: 1.0)")
     p.add_argument("--retries", type=non_negative_int, default=2, help="extra attempts when a device is UNAVAILABLE (default: 2)")
     p.add_argument("--strict", action="store_true", help="fail a request when any device misses it (default: answer with zeros for that student)")
-    p.add_argument(
-        "--transport", choices=("auto", "stream", "unary"), default="auto",
-        help="how devices are called: one ModelStreamInfer stream each (cheaper per request), ModelInfer calls, "
-        "or auto: stream where the device offers it (default: auto)",
-    )  # fmt: skip
+    add_transport_arg(p)
     if max_batch:
         p.add_argument("--max-batch", type=positive_int, default=64, help="largest batch per request (default: 64)")
 
