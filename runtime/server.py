@@ -18,7 +18,6 @@ import abc
 import logging
 import os
 import signal
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from nonn.runtime.codec import (
     output_tensor,
     requested_outputs,
 )
+from nonn.runtime.memory import release_free_memory, tune_malloc
 from nonn.runtime.onnx_model import OnnxModel
 from nonn.runtime.tls import ServerTLS
 
@@ -62,7 +62,6 @@ __all__ = [
     "message_limit",
     "serve",
     "serve_backends",
-    "limit_malloc_arenas",
     "student_backend",
 ]
 
@@ -596,27 +595,6 @@ class DeviceServer:
         self.stop(0)
 
 
-def limit_malloc_arenas(arenas: int = 1) -> bool:
-    """Cap glibc's per-thread malloc arenas (M_ARENA_MAX) so handler threads share heap memory.
-
-    Each thread that allocates can otherwise get its own arena, which grows a device's resident
-    memory by megabytes for no speed gain here (one model, few threads). Returns False where
-    this is not glibc. Call before the server starts its threads.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_arena_max = -8  # from glibc's malloc.h
-    return bool(mallopt(m_arena_max, int(arenas)))
-
-
 def serve_backends(
     backends: ModelBackend | Sequence[ModelBackend],
     *,
@@ -626,26 +604,29 @@ def serve_backends(
     max_message_bytes: int | None = None,
     grace_s: float = 5.0,
     ready_file: str | os.PathLike[str] | None = None,
-    malloc_arenas: int | None = 1,
+    tune_memory: bool = True,
     max_streams: int = DEFAULT_MAX_STREAMS,
 ) -> None:
     """Serve `backends` until SIGTERM or SIGINT, then stop gracefully (blocking; main thread only).
 
     `ready_file` (optional) receives {"models", "host", "port", "address", "pid"} as JSON once
     the server is SERVING, and is removed on exit: a launcher using port 0 reads the port there.
-    `malloc_arenas` caps glibc malloc arenas for a smaller footprint (None leaves them alone).
+    `tune_memory` applies nonn.runtime.memory's glibc settings (one malloc arena, a fixed mmap
+    threshold) and releases start-up garbage once the server is up, for a smaller, flat footprint.
     """
     server = DeviceServer(
         backends, host=host, port=port, tls=tls, max_message_bytes=max_message_bytes, grace_s=grace_s,
         max_streams=max_streams,
     )  # fmt: skip
-    if malloc_arenas:
-        limit_malloc_arenas(malloc_arenas)
+    if tune_memory:
+        tune_malloc()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     ready = Path(ready_file) if ready_file is not None else None
     try:
         server.start()
+        if tune_memory:
+            release_free_memory()
         names = [backend.name for backend in server.backends]
         if ready is not None:
             atomic_write_json(
