@@ -209,8 +209,42 @@ class _DeviceOutcome:
     error: str | None
 
 
+class _Deadline:
+    """One request's deadline, shared by its K device calls: a single timer on the event loop.
+
+    When it fires it cancels the device calls still running, and marks itself expired so each
+    of them reports DEADLINE_EXCEEDED rather than passing the cancellation on. One timer per
+    fan-out costs less than one `asyncio.timeout` per device call, which shows in a small
+    model's latency.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self.loop = loop
+        self.at = loop.time() + timeout_s
+        self.expired = False
+        self._tasks: list[asyncio.Task] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def remaining(self) -> float:
+        return self.at - self.loop.time()
+
+    def guard(self, tasks: list[asyncio.Task]) -> None:
+        """Arm the timer over `tasks`."""
+        self._tasks = tasks
+        self._timer = self.loop.call_at(self.at, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 TRANSPORTS = ("auto", "stream", "unary")
-_HAS_ASYNCIO_TIMEOUT = hasattr(asyncio, "timeout")  # Python 3.11+
 _STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 # Stream statuses that mean "this device will not stream": use unary ModelInfer instead.
 _NO_STREAM = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -537,30 +571,26 @@ class Aggregator:
             raise _CallFailed(exc.code(), exc.details() or "") from None
         return reply, reply.ByteSize()
 
-    async def _exchange(self, k: int, request: pb.ModelInferRequest, timeout: float) -> tuple[pb.ModelInferResponse, int]:
-        """One attempt at device k: (reply, reply bytes), or _CallFailed with the gRPC status."""
+    async def _exchange(self, k: int, request: pb.ModelInferRequest, deadline: _Deadline) -> tuple[pb.ModelInferResponse, int]:
+        """One attempt at device k: (reply, reply bytes), or _CallFailed with the gRPC status.
+
+        A stream attempt is bounded by the request's shared deadline (which cancels it); a
+        unary call carries the time left as its gRPC deadline.
+        """
         stream = self._streams[k] if self._streams else None
         if stream is None:
-            return await self._unary(k, request, timeout)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+            return await self._unary(k, request, deadline.remaining())
         try:
-            if _HAS_ASYNCIO_TIMEOUT:  # a timer on this task: cheaper than wait_for's extra task
-                async with asyncio.timeout(timeout):
-                    wrapped = await stream.infer(request)
-            else:
-                wrapped = await asyncio.wait_for(stream.infer(request), timeout)
-        except asyncio.TimeoutError:
-            raise _CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            wrapped = await stream.infer(request)
         except _CallFailed as exc:  # the stream broke
             if self.transport == "auto" and exc.code in _NO_STREAM:
                 log.info("%s does not stream (%s); calling it with ModelInfer", self.endpoints[k], exc)
                 self._streams[k] = None
-                return await self._unary(k, request, max(deadline - loop.time(), 1e-3))
+                return await self._unary(k, request, max(deadline.remaining(), 1e-3))
             if self.transport == "auto" and exc.code == grpc.StatusCode.INTERNAL:
                 # gRPC reports a stream refused while a write was under way as INTERNAL (and then
                 # the real status is lost): this attempt goes unary, the next one streams again.
-                return await self._unary(k, request, max(deadline - loop.time(), 1e-3))
+                return await self._unary(k, request, max(deadline.remaining(), 1e-3))
             if exc.code == grpc.StatusCode.CANCELLED:
                 # A stream cancelled under us (the device is restarting) is as retryable as no connection.
                 raise _CallFailed(grpc.StatusCode.UNAVAILABLE, exc.details) from None
@@ -569,46 +599,60 @@ class Aggregator:
             raise _CallFailed(None, wrapped.error_message)
         return wrapped.infer_response, wrapped.ByteSize()
 
-    async def _call_device(self, k: int, shape: tuple[int, ...], raw: bytes, request_id: str) -> _DeviceOutcome:
+    async def _call_device(
+        self, k: int, shape: tuple[int, ...], raw: bytes, request_id: str, deadline: _Deadline
+    ) -> _DeviceOutcome:
         route = self.routes[k]
         request = pb.ModelInferRequest(model_name=route.name, id=request_id)
         request.inputs.add(name=route.input.name, datatype=route.input.datatype, shape=shape)
         request.outputs.add(name=route.output.name)
         request.raw_input_contents.append(raw)
         size = request.ByteSize()
-        loop = asyncio.get_running_loop()
+        loop = deadline.loop
         started = loop.time()
-        deadline = started + self.deadline_s
         sent = received = attempts = 0
         error: str | None = None
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+        in_flight = False
+        try:
+            while True:
+                remaining = deadline.remaining()
+                if remaining <= 0:
+                    error = error or f"DEADLINE_EXCEEDED: no answer within {self.deadline_s:g} s"
+                    break
+                attempts += 1
+                in_flight = True
+                try:
+                    reply, reply_size = await self._exchange(k, request, deadline)
+                except _CallFailed as exc:
+                    in_flight = False
+                    error = str(exc)
+                    # UNAVAILABLE: no connection, so the request is not counted as sent; any other
+                    # status came from (or timed out at) a server that had the request.
+                    if exc.code != grpc.StatusCode.UNAVAILABLE:
+                        sent += size
+                    if exc.code == grpc.StatusCode.UNAVAILABLE and attempts <= self.retries:
+                        pause = min(self.backoff_s * 2 ** (attempts - 1), deadline.remaining())
+                        if pause > 0:
+                            await asyncio.sleep(pause)
+                        continue
+                    break
+                in_flight = False
+                sent += size
+                received += reply_size
+                try:
+                    features = self._features(route, reply, shape[0])
+                except TensorError as exc:
+                    error = f"bad reply: {exc}"
+                    break
+                return _DeviceOutcome(features, sent, received, loop.time() - started, attempts, None)
+        except asyncio.CancelledError:
+            if not deadline.expired:
+                raise  # the caller gave up on the request: pass it on
+            if in_flight:  # the device had the request and did not answer in time
+                sent += size
+                error = str(_CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            else:  # between attempts
                 error = error or f"DEADLINE_EXCEEDED: no answer within {self.deadline_s:g} s"
-                break
-            attempts += 1
-            try:
-                reply, reply_size = await self._exchange(k, request, remaining)
-            except _CallFailed as exc:
-                error = str(exc)
-                # UNAVAILABLE: no connection, so the request is not counted as sent; any other
-                # status came from (or timed out at) a server that had the request.
-                if exc.code != grpc.StatusCode.UNAVAILABLE:
-                    sent += size
-                if exc.code == grpc.StatusCode.UNAVAILABLE and attempts <= self.retries:
-                    pause = min(self.backoff_s * 2 ** (attempts - 1), deadline - loop.time())
-                    if pause > 0:
-                        await asyncio.sleep(pause)
-                    continue
-                break
-            sent += size
-            received += reply_size
-            try:
-                features = self._features(route, reply, shape[0])
-            except TensorError as exc:
-                error = f"bad reply: {exc}"
-                break
-            return _DeviceOutcome(features, sent, received, loop.time() - started, attempts, None)
         return _DeviceOutcome(None, sent, received, None, attempts, error)
 
     async def infer(self, batch: np.ndarray) -> AggregateResult:
@@ -674,9 +718,16 @@ class Aggregator:
         started = time.perf_counter()
         raw = batch.tobytes()
         request_id = str(next(self._ids))
-        outcomes = await asyncio.gather(
-            *(self._call_device(k, batch.shape, raw, request_id) for k in range(len(self.routes)))
-        )
+        loop = asyncio.get_running_loop()
+        deadline = _Deadline(loop, self.deadline_s)
+        calls = [
+            loop.create_task(self._call_device(k, batch.shape, raw, request_id, deadline)) for k in range(len(self.routes))
+        ]
+        deadline.guard(calls)
+        try:
+            outcomes = await asyncio.gather(*calls)
+        finally:
+            deadline.disarm()
         contributed = [o.features is not None for o in outcomes]
         missing = [f"{r.name} at {e}: {o.error}" for r, e, o in zip(self.routes, self.endpoints, outcomes) if o.features is None]
         if missing and (self.strict or sum(contributed) < self.min_contributing):

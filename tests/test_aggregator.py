@@ -118,6 +118,29 @@ def test_deadline_bounds_a_slow_device(bundle, devices, transport):
         slow.stop(0)
 
 
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+def test_a_caller_giving_up_is_not_turned_into_a_degraded_answer(bundle, devices, transport):
+    # The request's deadline (5 s) is far off; the caller's own timeout (0.3 s) cancels it.
+    # That cancellation must reach the caller, and the deadline timer must not fire later.
+    slow = started(DeviceServer(SlowBackend("student_1", 2, delay_s=1.0)))
+    try:
+        endpoints = [d.address for d in devices]
+        endpoints[1] = slow.address
+
+        async def scenario():
+            async with Aggregator(bundle, endpoints, deadline_s=5, transport=transport) as agg:
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(agg.infer(batch(1)), 0.3)
+                loop = asyncio.get_running_loop()
+                assert not [h for h in getattr(loop, "_scheduled", []) if not h.cancelled()]  # no armed deadline left
+                return await agg.infer(batch(1))
+
+        result = asyncio.run(scenario())
+        assert result.contributed == [True, True, True, True]
+    finally:
+        slow.stop(0)
+
+
 class FlakyServicer(InferenceServicer):
     """Refuses the first `failures` requests with UNAVAILABLE (streamed or not), then serves normally."""
 
