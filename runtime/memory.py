@@ -53,8 +53,8 @@ def _glibc() -> Any | None:
 def tune_malloc(arenas: int | None = 1, mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD) -> bool:
     """Cap malloc arenas at `arenas` and fix the mmap threshold at `mmap_threshold` bytes.
 
-    Call it as early as possible (before the big imports) and before the server starts its
-    threads. None, or glibc's environment variable for it being set, leaves a setting alone.
+    Call it before the server starts its threads. None, or glibc's environment variable for
+    it being set, leaves a setting alone.
     Returns True if every setting applied took.
     """
     for name, value in (("arenas", arenas), ("mmap_threshold", mmap_threshold)):
