@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -100,45 +101,47 @@ class SlowBackend(ModelBackend):
         return InferOutput({"features": np.ones((len(inputs["input"]), self.outputs[0].shape[1]), np.float32)})
 
 
-@pytest.mark.parametrize("transport", ["stream", "unary"])
-def test_deadline_bounds_a_slow_device(bundle, devices, transport):
-    slow = started(DeviceServer(SlowBackend("student_1", 2, delay_s=2.0)))
+@contextlib.contextmanager
+def slow_second_device(devices, delay_s: float):
+    """The fleet's endpoints with student_1 served by a device that takes `delay_s` per request."""
+    slow = started(DeviceServer(SlowBackend("student_1", 2, delay_s=delay_s)))
     try:
         endpoints = [d.address for d in devices]
         endpoints[1] = slow.address
+        yield endpoints
+    finally:
+        slow.stop(0)
+
+
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+def test_deadline_bounds_a_slow_device(bundle, devices, transport):
+    with slow_second_device(devices, delay_s=2.0) as endpoints:
         with Aggregator(bundle, endpoints, deadline_s=0.3, transport=transport) as agg:
             t0 = time.perf_counter()
             result = agg.infer_sync(batch(1))
             elapsed = time.perf_counter() - t0
-        assert result.contributed == [True, False, True, True]
-        assert "DEADLINE_EXCEEDED" in result.errors[1]
-        assert result.bytes_sent[1] == result.bytes_sent[0] and result.bytes_received[1] == 0
-        assert elapsed < 1.5
-    finally:
-        slow.stop(0)
+    assert result.contributed == [True, False, True, True]
+    assert "DEADLINE_EXCEEDED" in result.errors[1]
+    assert result.bytes_sent[1] == result.bytes_sent[0] and result.bytes_received[1] == 0
+    assert elapsed < 1.5
 
 
 @pytest.mark.parametrize("transport", ["stream", "unary"])
 def test_a_caller_giving_up_is_not_turned_into_a_degraded_answer(bundle, devices, transport):
     # The request's deadline (5 s) is far off; the caller's own timeout (0.3 s) cancels it.
     # That cancellation must reach the caller, and the deadline timer must not fire later.
-    slow = started(DeviceServer(SlowBackend("student_1", 2, delay_s=1.0)))
-    try:
-        endpoints = [d.address for d in devices]
-        endpoints[1] = slow.address
+    with slow_second_device(devices, delay_s=1.0) as endpoints:
 
         async def scenario():
             async with Aggregator(bundle, endpoints, deadline_s=5, transport=transport) as agg:
                 with pytest.raises(asyncio.TimeoutError):
                     await asyncio.wait_for(agg.infer(batch(1)), 0.3)
                 loop = asyncio.get_running_loop()
-                assert not [h for h in getattr(loop, "_scheduled", []) if not h.cancelled()]  # no armed deadline left
+                assert not [h for h in loop._scheduled if not h.cancelled()]  # no armed deadline timer left (CPython loop)
                 return await agg.infer(batch(1))
 
         result = asyncio.run(scenario())
-        assert result.contributed == [True, True, True, True]
-    finally:
-        slow.stop(0)
+    assert result.contributed == [True, True, True, True]
 
 
 class FlakyServicer(InferenceServicer):
