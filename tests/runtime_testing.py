@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -199,11 +201,17 @@ def started(server):
     return server
 
 
-def start_device_servers(bundle) -> list:
-    """One started DeviceServer per student of `bundle` (stop them with server.stop(0))."""
+@contextlib.contextmanager
+def device_servers(bundle) -> Iterator[list]:
+    """One started DeviceServer per student of `bundle`, stopped on exit."""
     from nonn.runtime.server import DeviceServer, student_backend
 
-    return [started(DeviceServer(student_backend(bundle, s.name))) for s in bundle.students]
+    servers = [started(DeviceServer(student_backend(bundle, s.name))) for s in bundle.students]
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop(0)
 
 
 def random_images(n: int, shape, seed: int = 0) -> np.ndarray:

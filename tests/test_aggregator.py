@@ -22,7 +22,7 @@ from nonn.runtime.aggregator import AggregationError, Aggregator, AggregatorBack
 from nonn.runtime.onnx_model import OnnxModel
 from nonn.runtime.server import DeviceServer, InferenceServicer, InferOutput, ModelBackend, OnnxBackend, RequestError, student_backend
 
-from runtime_testing import free_port, make_bundle, random_images, reference_logits, start_device_servers, started, tiny_student
+from runtime_testing import device_servers, free_port, make_bundle, random_images, reference_logits, started, tiny_student
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -36,10 +36,8 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def devices(bundle):
-    servers = start_device_servers(bundle)
-    yield servers
-    for server in servers:
-        server.stop(0)
+    with device_servers(bundle) as servers:
+        yield servers
 
 
 def batch(n: int, seed: int = 0) -> np.ndarray:

@@ -26,7 +26,7 @@ from nonn.runtime.aggregator import Aggregator
 from nonn.runtime.codec import TensorSpec
 from nonn.runtime.server import DEFAULT_MAX_STREAMS, DEFAULT_QUEUED_CALLS, DeviceServer, InferenceServicer, InferOutput, ModelBackend, RequestError, student_backend
 
-from runtime_testing import free_port, make_bundle, random_images, reference_logits, start_device_servers, started
+from runtime_testing import device_servers, free_port, make_bundle, random_images, reference_logits, started
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,10 +42,8 @@ def bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def devices(bundle):
-    servers = start_device_servers(bundle)
-    yield servers
-    for server in servers:
-        server.stop(0)
+    with device_servers(bundle) as servers:
+        yield servers
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
