@@ -98,9 +98,11 @@ def assert_same_tensors(a: dict, b: dict, what: str, seed: int) -> None:
         assert torch.equal(a[key], b[key]), f"{what}: {key} differs after resume (NONN_KILL_SEED={seed})"
 
 
-def test_teacher_killed_at_a_random_point_resumes_to_the_same_weights(files, tmp_path):
-    argv = ["train-teacher", "--dataset", str(files["data"]), "--arch", "cnn-small", "--width", "4", "--epochs", "4",
-            "--batch-size", "16", "--lr", "0.05", "--seed", "3", "--device", "cpu", "--threads", "1", "--no-progress"]  # fmt: skip
+def straight_and_resumed_after_kill(argv: list[str], tmp_path) -> tuple[dict, dict, int, int]:
+    """Run 4-epoch `argv` straight through, then again killed at a random point and resumed.
+
+    Returns both checkpoints, the epoch the killed run had reached and the kill seed.
+    """
     assert main([*argv, "--out", str(tmp_path / "straight.pt")]) == 0
     epoch_s = float(np.median([h["seconds"] for h in torch.load(tmp_path / "straight.pt", weights_only=True)["history"]]))
     killed = tmp_path / "killed.pt"
@@ -109,6 +111,13 @@ def test_teacher_killed_at_a_random_point_resumes_to_the_same_weights(files, tmp
     assert main([*argv, "--out", str(killed), "--resume"]) == 0
     a, b = torch.load(tmp_path / "straight.pt", weights_only=True), torch.load(killed, weights_only=True)
     assert b["epoch"] == 4
+    return a, b, reached, seed
+
+
+def test_teacher_killed_at_a_random_point_resumes_to_the_same_weights(files, tmp_path):
+    argv = ["train-teacher", "--dataset", str(files["data"]), "--arch", "cnn-small", "--width", "4", "--epochs", "4",
+            "--batch-size", "16", "--lr", "0.05", "--seed", "3", "--device", "cpu", "--threads", "1", "--no-progress"]  # fmt: skip
+    a, b, reached, seed = straight_and_resumed_after_kill(argv, tmp_path)
     assert_same_tensors(a["state_dict"], b["state_dict"], f"teacher killed after epoch {reached}", seed)
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
 
@@ -118,14 +127,7 @@ def test_students_killed_at_a_random_point_resume_to_the_same_weights(files, tmp
             "--dataset", str(files["data"]), "--arch", "cnn-small:width=4", "--epochs", "4", "--batch-size", "16",
             "--lr", "0.05", "--beta", "10", "--student-dropout", "0.3", "--seed", "1", "--device", "cpu",
             "--threads", "1", "--no-progress"]  # fmt: skip
-    assert main([*argv, "--out", str(tmp_path / "straight.pt")]) == 0
-    epoch_s = float(np.median([h["seconds"] for h in torch.load(tmp_path / "straight.pt", weights_only=True)["history"]]))
-    killed = tmp_path / "killed.pt"
-    # Anywhere in the epochs after the first checkpoint: mid-epoch, mid-evaluation or mid-write.
-    reached, seed = kill_training(argv, killed, epoch_s, epochs=4)
-    assert main([*argv, "--out", str(killed), "--resume"]) == 0
-    a, b = torch.load(tmp_path / "straight.pt", weights_only=True), torch.load(killed, weights_only=True)
-    assert b["epoch"] == 4
+    a, b, reached, seed = straight_and_resumed_after_kill(argv, tmp_path)
     for k, (sa, sb) in enumerate(zip(a["students"], b["students"])):
         assert_same_tensors(sa["state_dict"], sb["state_dict"], f"student {k}, killed after epoch {reached}", seed)
     assert_same_tensors(a["head"], b["head"], "head", seed)
