@@ -548,15 +548,16 @@ class DeviceServer:
         for name in self._health_names():
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         target = f"[{self.host}]:{self.requested_port}" if ":" in self.host else f"{self.host}:{self.requested_port}"
+        cannot_bind = f"cannot bind {target}: the port is in use or the address is not available here"
         try:
             if self.tls is not None:
                 bound = server.add_secure_port(target, self.tls.credentials())
             else:
                 bound = server.add_insecure_port(target)
-        except RuntimeError as exc:
-            raise OSError(f"cannot bind {target}: the port is in use or the address is not available here") from exc
+        except RuntimeError as exc:  # grpcio raises for some bind failures and returns 0 for others
+            raise OSError(cannot_bind) from exc
         if not bound:
-            raise OSError(f"cannot bind {target}: the port is in use or the address is not available here")
+            raise OSError(cannot_bind)
         server.start()
         self._server = server
         self.port = bound
