@@ -89,20 +89,20 @@ def _wire(message_bytes: int, response: bool) -> int:
 
 def infer_wire_bytes(model: str, tensor: str, shape: Sequence[int], datatype: str = "FP32", response: bool = False) -> int:
     """Wire bytes of one KServe v2 ModelInfer request (or response) carrying one raw tensor."""
-    from tritonclient.grpc import service_pb2
+    from nonn.runtime.protocol import pb
 
     elements = 1
     for d in shape:
         elements *= int(d)
     raw = bytes(elements * (FLOAT_BYTES if datatype == "FP32" else 8 if datatype in ("INT64", "FP64") else 1))
     if response:
-        msg = service_pb2.ModelInferResponse(model_name=model, model_version="1", id="0" * 16)
+        msg = pb.ModelInferResponse(model_name=model, model_version="1", id="0" * 16)
         out = msg.outputs.add()
         out.name, out.datatype = tensor, datatype
         out.shape.extend(int(d) for d in shape)
         msg.raw_output_contents.append(raw)
     else:
-        msg = service_pb2.ModelInferRequest(model_name=model, id="0" * 16)
+        msg = pb.ModelInferRequest(model_name=model, id="0" * 16)
         inp = msg.inputs.add()
         inp.name, inp.datatype = tensor, datatype
         inp.shape.extend(int(d) for d in shape)

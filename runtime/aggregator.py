@@ -30,12 +30,12 @@ from typing import Any, Mapping, Sequence
 
 import grpc
 import numpy as np
-from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 
 from nonn.runtime.aioloop import LoopThread
-from nonn.runtime.codec import TensorError, TensorSpec, bytes_per_item, check_shape, decode_output
+from nonn.runtime.arrays import numpy_dtype, to_array
+from nonn.runtime.codec import RawTensor, TensorError, TensorSpec, bytes_per_item, check_shape, decode_output
 from nonn.runtime.onnx_model import OnnxModel
+from nonn.runtime.protocol import pb, service_pb2_grpc
 from nonn.runtime.server import DEFAULT_MAX_BATCH, BackendUnavailable, InferOutput, ModelBackend
 from nonn.runtime.tls import ClientTLS
 
@@ -539,10 +539,11 @@ class Aggregator:
     # -- inference ---------------------------------------------------------------------------
     def _validate(self, batch: np.ndarray) -> np.ndarray:
         batch = np.asarray(batch)
-        if batch.dtype != self.input_spec.dtype:
+        dtype = numpy_dtype(self.input_spec.datatype)
+        if batch.dtype != dtype:
             if batch.dtype.kind not in "fiu":
                 raise ValueError(f"batch has dtype {batch.dtype}; expected {self.input_spec.datatype} numbers")
-            batch = batch.astype(self.input_spec.dtype)
+            batch = batch.astype(dtype)
         try:
             check_shape(self.input_spec, batch.shape, self.max_batch)
         except TensorError as exc:
@@ -562,7 +563,7 @@ class Aggregator:
         if list(tensor.shape) != expected:
             raise TensorError(f"output {tensor.name!r} has shape {list(tensor.shape)}, expected {expected}")
         raws = reply.raw_output_contents
-        return decode_output(tensor, raws[index] if index < len(raws) else None)
+        return to_array(decode_output(tensor, raws[index] if index < len(raws) else None))
 
     async def _unary(self, k: int, request: pb.ModelInferRequest, timeout: float) -> tuple[pb.ModelInferResponse, int]:
         try:
@@ -733,7 +734,7 @@ class Aggregator:
         if missing and (self.strict or sum(contributed) < self.min_contributing):
             why = "strict mode" if self.strict else f"fewer than {self.min_contributing} device(s) answered"
             raise AggregationError(f"{why}: " + "; ".join(missing))
-        dtype = self.head_input.dtype
+        dtype = numpy_dtype(self.head_input.datatype)
         parts = [
             o.features.astype(dtype, copy=False) if o.features is not None else np.zeros((batch.shape[0], r.feature_size), dtype)
             for r, o in zip(self.routes, outcomes)
@@ -807,9 +808,9 @@ class AggregatorBackend(ModelBackend):
         self.concurrency = concurrency
         aggregator.__enter__()  # channels live on the aggregator's own loop thread
 
-    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> InferOutput:
+    def infer(self, inputs: dict[str, RawTensor], outputs: list[str]) -> InferOutput:
         try:
-            result = self.aggregator.infer_sync(inputs[self.inputs[0].name])
+            result = self.aggregator.infer_sync(to_array(inputs[self.inputs[0].name]))
         except AggregationError as exc:
             raise BackendUnavailable(str(exc)) from exc
         return InferOutput(

@@ -1,32 +1,33 @@
-"""numpy arrays <-> Open Inference Protocol (KServe v2) tensors, with validation.
+"""Open Inference Protocol (KServe v2) tensors on the wire, with validation; no numpy.
 
 One place for the wire format of tensors: datatype strings, raw little-endian contents, typed
 contents, and the checks a request must pass before it reaches a model (name, datatype, rank,
-shape, byte length, batch limit). Both the device server and the aggregator use it, so a
-tensor is encoded and checked the same way on each side.
+shape, byte length, batch limit). A tensor here is a `RawTensor` (datatype, shape, bytes): the
+device server passes those bytes to ONNX Runtime as they are, so it never imports numpy.
+`nonn.runtime.arrays` converts between RawTensors and numpy arrays for the aggregator.
 """
 
 from __future__ import annotations
 
+import array
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-from tritonclient.grpc import service_pb2 as pb
+from nonn.runtime.protocol import pb
 
 __all__ = [
     "TensorError",
     "TensorSpec",
-    "DATATYPES",
-    "numpy_dtype",
-    "datatype_of",
+    "RawTensor",
+    "DATATYPE_SIZES",
+    "itemsize",
     "datatype_from_onnx",
     "check_shape",
     "decode_input",
     "decode_output",
-    "encode_array",
-    "input_tensor",
+    "as_raw_tensor",
     "output_tensor",
     "bytes_per_item",
     "decode_request_inputs",
@@ -41,21 +42,22 @@ class TensorError(ValueError):
     """A tensor on the wire does not match what the model expects (maps to INVALID_ARGUMENT)."""
 
 
-# KServe v2 datatype string -> little-endian numpy dtype. BYTES (variable-length strings) is not
-# a fixed-size type and no NoNN model uses it, so it is rejected with a clear message.
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
+# KServe v2 datatype string -> bytes per element (raw contents are little-endian, C order).
+# BYTES (variable-length strings) is not a fixed-size type and no NoNN model uses it, so it is
+# rejected with a clear message.
+DATATYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "UINT16": 2,
+    "UINT32": 4,
+    "UINT64": 8,
+    "INT8": 1,
+    "INT16": 2,
+    "INT32": 4,
+    "INT64": 8,
+    "FP16": 2,
+    "FP32": 4,
+    "FP64": 8,
 }
 
 # ONNX Runtime's type strings for the same element types.
@@ -74,45 +76,31 @@ _ONNX_TYPES = {
     "tensor(double)": "FP64",
 }
 
-# Which InferTensorContents field carries each datatype when a client sends typed contents.
+# Which InferTensorContents field carries each datatype when a client sends typed contents, and
+# the `array` typecode that packs its values into raw bytes.
 _TYPED_FIELDS = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
+    "BOOL": ("bool_contents", "B"),
+    "INT8": ("int_contents", "b"),
+    "INT16": ("int_contents", "h"),
+    "INT32": ("int_contents", "i"),
+    "INT64": ("int64_contents", "q"),
+    "UINT8": ("uint_contents", "B"),
+    "UINT16": ("uint_contents", "H"),
+    "UINT32": ("uint_contents", "I"),
+    "UINT64": ("uint64_contents", "Q"),
+    "FP32": ("fp32_contents", "f"),
+    "FP64": ("fp64_contents", "d"),
 }
 
 
-def numpy_dtype(datatype: str) -> np.dtype:
-    """The numpy dtype for a KServe datatype string; TensorError for an unknown or unsupported one."""
+def itemsize(datatype: str) -> int:
+    """Bytes per element of a KServe datatype; TensorError for an unknown or unsupported one."""
     try:
-        return DATATYPES[datatype]
+        return DATATYPE_SIZES[datatype]
     except KeyError:
         raise TensorError(
-            f"unsupported datatype {datatype!r}; expected one of {', '.join(DATATYPES)}"
+            f"unsupported datatype {datatype!r}; expected one of {', '.join(DATATYPE_SIZES)}"
         ) from None
-
-
-_DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
-
-
-def datatype_of(dtype: np.dtype | type | str) -> str:
-    """The KServe datatype string for a numpy dtype (float32 -> "FP32")."""
-    dtype = np.dtype(dtype)
-    known = _DATATYPE_OF.get(dtype)
-    if known is not None:
-        return known
-    for name, candidate in DATATYPES.items():
-        if candidate.kind == dtype.kind and candidate.itemsize == dtype.itemsize:
-            return name
-    raise TensorError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
 
 
 def datatype_from_onnx(onnx_type: str) -> str:
@@ -132,14 +120,10 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        numpy_dtype(self.datatype)
+        itemsize(self.datatype)
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         if any(d < -1 for d in self.shape):
             raise TensorError(f"tensor {self.name!r}: shape {list(self.shape)} has a dimension below -1")
-
-    @property
-    def dtype(self) -> np.dtype:
-        return numpy_dtype(self.datatype)
 
     @property
     def batched(self) -> bool:
@@ -165,7 +149,7 @@ def bytes_per_item(spec: TensorSpec) -> int | None:
     dims = spec.shape[1:] if spec.batched else spec.shape
     if any(d < 0 for d in dims):
         return None
-    return math.prod(dims) * spec.dtype.itemsize
+    return math.prod(dims) * itemsize(spec.datatype)
 
 
 def check_shape(spec: TensorSpec, shape: Sequence[int], max_batch: int | None = None) -> tuple[int, ...]:
@@ -194,25 +178,62 @@ def check_shape(spec: TensorSpec, shape: Sequence[int], max_batch: int | None = 
     return shape
 
 
-def encode_array(array: np.ndarray, datatype: str | None = None) -> bytes:
-    """Raw little-endian, C-order bytes of `array` (cast to `datatype` when given)."""
-    dtype = numpy_dtype(datatype) if datatype else numpy_dtype(datatype_of(array.dtype))
-    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor as the wire carries it: datatype, concrete shape, raw little-endian C-order bytes."""
+
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    def expected_bytes(self) -> int:
+        """Bytes the shape and datatype call for (data must have exactly this many)."""
+        return math.prod(self.shape) * itemsize(self.datatype)
 
 
-def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
-    dtype = numpy_dtype(datatype)
-    expected = math.prod(shape) * dtype.itemsize
+# numpy's dtype.str for each datatype: lets backends return numpy arrays without this module
+# importing numpy.
+_NUMPY_DTYPE_STR = {
+    "|b1": "BOOL",
+    "|u1": "UINT8",
+    "<u2": "UINT16",
+    "<u4": "UINT32",
+    "<u8": "UINT64",
+    "|i1": "INT8",
+    "<i2": "INT16",
+    "<i4": "INT32",
+    "<i8": "INT64",
+    "<f2": "FP16",
+    "<f4": "FP32",
+    "<f8": "FP64",
+}
+
+
+def as_raw_tensor(value: Any) -> RawTensor:
+    """`value` as a RawTensor: a RawTensor as is, or a numpy array (anything with dtype, shape, tobytes)."""
+    if isinstance(value, RawTensor):
+        return value
+    dtype = getattr(value, "dtype", None)
+    datatype = _NUMPY_DTYPE_STR.get(getattr(dtype, "str", None))
+    if datatype is None or not hasattr(value, "tobytes"):
+        raise TensorError(f"cannot send {type(value).__name__} (dtype {dtype}) as an Open Inference Protocol tensor")
+    return RawTensor(datatype, tuple(int(d) for d in value.shape), value.tobytes())
+
+
+def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> RawTensor:
+    tensor = RawTensor(datatype, shape, raw)
+    expected = tensor.expected_bytes()
     if len(raw) != expected:
         raise TensorError(
             f"tensor {name!r}: {len(raw)} bytes of raw contents, but shape {list(shape)} of "
             f"{datatype} needs {expected} bytes"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return tensor
 
 
-def _from_typed(name: str, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents) -> np.ndarray:
-    field = _TYPED_FIELDS.get(datatype)
+def _from_typed(name: str, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents) -> RawTensor:
+    itemsize(datatype)
+    field, typecode = _TYPED_FIELDS.get(datatype, (None, ""))
     if field is None:
         raise TensorError(f"tensor {name!r}: datatype {datatype} must be sent in raw contents")
     values = getattr(contents, field)
@@ -221,7 +242,13 @@ def _from_typed(name: str, datatype: str, shape: tuple[int, ...], contents: pb.I
         raise TensorError(
             f"tensor {name!r}: {len(values)} values in {field}, but shape {list(shape)} needs {expected}"
         )
-    return np.asarray(values, dtype=numpy_dtype(datatype)).reshape(shape)
+    try:
+        packed = array.array(typecode, values)
+    except OverflowError as exc:
+        raise TensorError(f"tensor {name!r}: a value in {field} does not fit {datatype} ({exc})") from None
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return RawTensor(datatype, shape, packed.tobytes())
 
 
 def decode_input(
@@ -229,8 +256,8 @@ def decode_input(
     tensor: pb.ModelInferRequest.InferInputTensor,
     raw: bytes | None,
     max_batch: int | None = None,
-) -> np.ndarray:
-    """Validate one request tensor against the model's `spec` and return it as an array.
+) -> RawTensor:
+    """Validate one request tensor against the model's `spec` and return it as a RawTensor.
 
     `raw` is the tensor's entry in raw_input_contents, or None when the request carries typed
     contents instead. Every mismatch raises TensorError naming the tensor and the problem.
@@ -248,8 +275,8 @@ def decode_input(
     return _from_typed(spec.name, spec.datatype, shape, tensor.contents)
 
 
-def decode_output(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes | None) -> np.ndarray:
-    """An array from one response tensor (raw contents, or typed contents when raw is None)."""
+def decode_output(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes | None) -> RawTensor:
+    """A checked RawTensor from one response tensor (raw contents, or typed contents when raw is None)."""
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise TensorError(f"output {tensor.name!r}: shape {list(shape)} has a negative dimension")
@@ -258,25 +285,18 @@ def decode_output(tensor: pb.ModelInferResponse.InferOutputTensor, raw: bytes | 
     return _from_typed(tensor.name, tensor.datatype, shape, tensor.contents)
 
 
-def input_tensor(name: str, array: np.ndarray, datatype: str | None = None) -> tuple[pb.ModelInferRequest.InferInputTensor, bytes]:
-    """A request tensor header and its raw contents for `array`."""
-    datatype = datatype or datatype_of(array.dtype)
-    header = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=list(array.shape))
-    return header, encode_array(array, datatype)
-
-
-def output_tensor(name: str, array: np.ndarray) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
-    """A response tensor header and its raw contents for `array`."""
-    datatype = datatype_of(array.dtype)
-    header = pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=list(array.shape))
-    return header, encode_array(array, datatype)
+def output_tensor(name: str, value: Any) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
+    """A response tensor header and its raw contents for a RawTensor (or numpy array)."""
+    tensor = as_raw_tensor(value)
+    header = pb.ModelInferResponse.InferOutputTensor(name=name, datatype=tensor.datatype, shape=list(tensor.shape))
+    return header, tensor.data
 
 
 def decode_request_inputs(
     specs: Sequence[TensorSpec],
     request: pb.ModelInferRequest,
     max_batch: int | None = None,
-) -> dict[str, np.ndarray]:
+) -> dict[str, RawTensor]:
     """Validate every input of a ModelInferRequest against the model's `specs`.
 
     Checks the set of input names (none missing, none unknown, no duplicates), the count of
@@ -298,17 +318,17 @@ def decode_request_inputs(
             f"{len(raws)} raw_input_contents entries for {len(request.inputs)} inputs; "
             "send one per input, in input order"
         )
-    arrays: dict[str, np.ndarray] = {}
+    decoded: dict[str, RawTensor] = {}
     batch_sizes: set[int] = set()
     for index, tensor in enumerate(request.inputs):
         spec = by_name[tensor.name]
-        array = decode_input(spec, tensor, raws[index] if raws else None, max_batch)
+        value = decode_input(spec, tensor, raws[index] if raws else None, max_batch)
         if spec.batched:
-            batch_sizes.add(array.shape[0])
-        arrays[tensor.name] = array
+            batch_sizes.add(value.shape[0])
+        decoded[tensor.name] = value
     if len(batch_sizes) > 1:
         raise TensorError(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
-    return arrays
+    return decoded
 
 
 def requested_outputs(specs: Sequence[TensorSpec], request: pb.ModelInferRequest) -> list[TensorSpec]:

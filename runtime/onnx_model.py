@@ -1,13 +1,12 @@
-"""One ONNX model in an ONNX Runtime session, checked against its expected sha256 first.
+"""One ONNX model in an ONNX Runtime session (Python binding), checked against its sha256 first.
 
-The file is read once; the hash is taken over exactly the bytes the session is built from, so a
-file swapped between the check and the load cannot slip through. Thread counts default to one
+Used in-process (the aggregator's head, evaluation, benchmarks); the device server runs the same
+sessions through `nonn.runtime.ort_capi` instead, without numpy. Thread counts default to one
 intra-op thread: a device runs one student and shares its few cores with the gRPC server.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -16,13 +15,11 @@ import numpy as np
 import onnxruntime as ort
 
 from nonn.artifacts import ArtifactError
-from nonn.runtime.codec import TensorSpec, datatype_from_onnx
+from nonn.runtime.arrays import from_array, to_array
+from nonn.runtime.codec import RawTensor, TensorSpec, datatype_from_onnx
+from nonn.runtime.ort_capi import ModelIntegrityError, read_verified
 
 __all__ = ["ModelIntegrityError", "OnnxModel"]
-
-
-class ModelIntegrityError(ArtifactError):
-    """The model file's sha256 does not match the manifest: it was modified or replaced."""
 
 
 def _spec(node: ort.NodeArg) -> TensorSpec:
@@ -45,15 +42,7 @@ class OnnxModel:
         self.path = Path(path)
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: ONNX model file not found")
-        data = self.path.read_bytes()
-        self.sha256 = hashlib.sha256(data).hexdigest()
-        if expected_sha256 is not None and self.sha256 != expected_sha256.strip().lower():
-            raise ModelIntegrityError(
-                f"{self.path}: sha256 is {self.sha256} but the manifest expects "
-                f"{expected_sha256.strip().lower()}; the model was modified or replaced, refusing to load it"
-            )
+        data, self.sha256 = read_verified(self.path, expected_sha256)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -78,6 +67,11 @@ class OnnxModel:
         names = list(outputs) if outputs is not None else [spec.name for spec in self.outputs]
         results = self.session.run(names, dict(feeds))
         return dict(zip(names, results))
+
+    def run_tensors(self, feeds: Mapping[str, RawTensor], outputs: Sequence[str] | None = None) -> dict[str, RawTensor]:
+        """run() on RawTensors (the device server's form), like CApiModel.run_tensors."""
+        results = self.run({name: to_array(tensor) for name, tensor in feeds.items()}, outputs)
+        return {name: from_array(array) for name, array in results.items()}
 
     def __repr__(self) -> str:
         return f"OnnxModel({str(self.path)!r}, inputs={self.inputs}, outputs={self.outputs})"

@@ -22,18 +22,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tritonclient.grpc import model_config_pb2
-from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 
 from nonn import __version__
 from nonn.artifacts import ArtifactError, atomic_write_json
 from nonn.runtime.codec import (
+    RawTensor,
     TensorError,
     TensorSpec,
     bytes_per_item,
@@ -43,7 +40,8 @@ from nonn.runtime.codec import (
     requested_outputs,
 )
 from nonn.runtime.memory import release_free_memory, tune_malloc
-from nonn.runtime.onnx_model import OnnxModel
+from nonn.runtime.ort_capi import CApiModel
+from nonn.runtime.protocol import model_config_pb2, pb, service_pb2_grpc
 from nonn.runtime.tls import ServerTLS
 
 __all__ = [
@@ -97,9 +95,9 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass
 class InferOutput:
-    """What a backend returns: output arrays by name, plus response parameters (optional)."""
+    """What a backend returns: outputs by name (RawTensors or numpy arrays), plus response parameters."""
 
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, Any]
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,7 +105,8 @@ class ModelBackend(abc.ABC):
     """One model the server hosts: its protocol description and a thread-safe infer().
 
     `concurrency` is how many requests the backend runs at once; the server sizes its handler
-    thread pool from it.
+    thread pool from it. Inputs arrive as validated RawTensors (bytes as the wire carried
+    them); `nonn.runtime.arrays.to_array` views one as a numpy array.
     """
 
     name: str
@@ -119,17 +118,26 @@ class ModelBackend(abc.ABC):
     concurrency: int = 1
 
     @abc.abstractmethod
-    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> InferOutput:
+    def infer(self, inputs: dict[str, RawTensor], outputs: list[str]) -> InferOutput:
         """Run the model on validated inputs; return the requested outputs. Called from handler threads."""
 
     def close(self) -> None:
         """Release resources (called once after the server stopped)."""
 
 
-class OnnxBackend(ModelBackend):
-    """An OnnxModel served under `name`; at most `workers` requests run in ONNX Runtime at once."""
+class TensorModel(Protocol):
+    """What OnnxBackend serves: CApiModel (what `nonn serve` uses) or OnnxModel."""
 
-    def __init__(self, model: OnnxModel, name: str, max_batch: int = DEFAULT_MAX_BATCH, workers: int = 1) -> None:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run_tensors(self, feeds: Mapping[str, RawTensor], outputs: Sequence[str] | None = None) -> dict[str, RawTensor]: ...
+
+
+class OnnxBackend(ModelBackend):
+    """An ONNX model served under `name`; at most `workers` requests run in ONNX Runtime at once."""
+
+    def __init__(self, model: TensorModel, name: str, max_batch: int = DEFAULT_MAX_BATCH, workers: int = 1) -> None:
         if not name:
             raise ValueError("a served model needs a non-empty name")
         if max_batch < 1:
@@ -145,9 +153,9 @@ class OnnxBackend(ModelBackend):
         # One worker (a small device's default): a plain lock, cheaper per request than a semaphore.
         self._slots = threading.Lock() if workers == 1 else threading.BoundedSemaphore(workers)
 
-    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> InferOutput:
+    def infer(self, inputs: dict[str, RawTensor], outputs: list[str]) -> InferOutput:
         with self._slots:
-            return InferOutput(self.model.run(inputs, outputs))
+            return InferOutput(self.model.run_tensors(inputs, outputs))
 
 
 def message_limit(backends: Sequence[ModelBackend]) -> int:
@@ -668,7 +676,7 @@ def student_backend(
     except KeyError as exc:
         raise ValueError(exc.args[0]) from None
     path = bundle.path_of(entry)
-    model = OnnxModel(path, threads=threads, expected_sha256=entry.sha256)
+    model = CApiModel(path, threads=threads, expected_sha256=entry.sha256)
     declared = (
         [TensorSpec(entry.input.name, entry.input.datatype, tuple(entry.input.shape))],
         [TensorSpec(entry.output.name, entry.output.datatype, tuple(entry.output.shape))],
@@ -696,6 +704,6 @@ def serve(
     grace_s: float = 5.0,
 ) -> None:
     """Load one ONNX model (refusing a sha256 mismatch) and serve it as `name` until SIGTERM."""
-    model = OnnxModel(model_path, threads=threads, expected_sha256=expected_sha256)
+    model = CApiModel(model_path, threads=threads, expected_sha256=expected_sha256)
     backend = OnnxBackend(model, name, max_batch=max_batch, workers=workers)
     serve_backends(backend, host=host, port=port, tls=tls, grace_s=grace_s, ready_file=ready_file)

@@ -96,7 +96,7 @@ class SlowBackend(ModelBackend):
 
     def infer(self, inputs, outputs):
         time.sleep(self.delay_s)
-        return InferOutput({"features": np.ones((len(inputs["input"]), self.outputs[0].shape[1]), np.float32)})
+        return InferOutput({"features": np.ones((inputs["input"].shape[0], self.outputs[0].shape[1]), np.float32)})
 
 
 @contextlib.contextmanager

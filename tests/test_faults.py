@@ -309,7 +309,7 @@ class SleepyBackend(ModelBackend):
 
     def infer(self, inputs, outputs):
         time.sleep(self.delay_s)
-        return InferOutput({"features": np.zeros((len(inputs["input"]), 3), np.float32)})
+        return InferOutput({"features": np.zeros((inputs["input"].shape[0], 3), np.float32)})
 
 
 def test_a_flood_of_calls_is_refused_beyond_the_cap_instead_of_queued_in_memory():

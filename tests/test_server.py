@@ -286,7 +286,7 @@ class SlowBackend(ModelBackend):
 
     def infer(self, inputs, outputs):
         time.sleep(self.delay_s)
-        return InferOutput({"features": np.zeros((len(inputs["input"]), FEATURES), np.float32)})
+        return InferOutput({"features": np.zeros((inputs["input"].shape[0], FEATURES), np.float32)})
 
 
 def test_graceful_stop_finishes_in_flight_request():

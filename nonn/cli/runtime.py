@@ -101,7 +101,7 @@ def _client_tls(args: argparse.Namespace, prefix: str):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from nonn.runtime.onnx_model import OnnxModel
+    from nonn.runtime.ort_capi import CApiModel
     from nonn.runtime.server import OnnxBackend, serve_backends, student_backend
     from nonn.runtime.tls import ServerTLS
 
@@ -141,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
     elif args.model is not None:
         if not args.name:
             raise CLIError("--model needs --name (the model name clients ask for)")
-        model = OnnxModel(args.model, threads=args.threads, expected_sha256=args.sha256)
+        model = CApiModel(args.model, threads=args.threads, expected_sha256=args.sha256)
         backend = OnnxBackend(model, args.name, max_batch=args.max_batch, workers=args.workers)
     else:
         raise CLIError("nothing to serve: give --bundle DIR --student K, --model FILE --name NAME, or --bundle DIR --aggregate --devices ...")
