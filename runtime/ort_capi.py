@@ -4,7 +4,7 @@ A device server only moves bytes: the request's raw tensor contents go straight 
 `OrtValue` and the output's bytes straight into the reply. ONNX Runtime's Python binding needs
 numpy and a 36 MB extension module for that; its wheel also ships the plain C library
 (`libonnxruntime.so`), which this module drives directly. A device process then holds about
-30 MB less (see README, "Device memory").
+14 MB less (README, "Device memory").
 
 The C API is a table of function pointers (`OrtApi`) that ONNX Runtime only ever appends to, so
 a member's index never changes between releases. The indices used here are those of

@@ -3,8 +3,8 @@
 `pb` (service_pb2: the messages), `service_pb2_grpc` (the GRPCInferenceService stub and
 servicer) and `model_config_pb2` are tritonclient's maintained, generated modules. Importing
 them the usual way (`from tritonclient.grpc import service_pb2`) first runs the package's
-`__init__`, which loads tritonclient's whole client and numpy with it: about 15 MB a device
-server never uses. So when `tritonclient.grpc` is not imported yet, this module registers the
+`__init__`, which loads tritonclient's whole client and numpy with it, neither of which a
+device server uses. So when `tritonclient.grpc` is not imported yet, this module registers the
 package without running its `__init__`, and runs it on first use of anything else in it: a later
 `tritonclient.grpc.InferenceServerClient` (or `import tritonclient.grpc.aio`) works as usual.
 """
