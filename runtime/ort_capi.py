@@ -257,8 +257,12 @@ class CApiModel:
             api.ReleaseSessionOptions(options)
         self.inputs: list[TensorSpec] = self._specs("Input")
         self.outputs: list[TensorSpec] = self._specs("Output")
-        self._input_names = [spec.name.encode() for spec in self.inputs]
+        # Built once: what each call passes to Run and how it reads the outputs back.
+        self._input_name_array = (c_char_p * len(self.inputs))(*(spec.name.encode() for spec in self.inputs))
         self._output_names = {spec.name: spec.name.encode() for spec in self.outputs}
+        self._all_outputs = tuple(spec.name for spec in self.outputs)
+        self._output_name_arrays: dict[tuple[str, ...], ctypes.Array] = {}
+        self._output_layout = {spec.name: (spec.datatype, len(spec.shape), itemsize(spec.datatype)) for spec in self.outputs}
 
     def _specs(self, kind: str) -> list[TensorSpec]:
         api = self._api
@@ -279,22 +283,32 @@ class CApiModel:
         return specs
 
     def run_tensors(self, feeds: Mapping[str, RawTensor], outputs: Sequence[str] | None = None) -> dict[str, RawTensor]:
-        """Run the model on validated tensors; returns {output name: RawTensor} for `outputs` (default: all)."""
+        """Run the model on validated tensors; returns {output name: RawTensor} for `outputs` (default: all).
+
+        The per-call path is a handful of C calls: the inputs' bytes are wrapped, not copied, and
+        each output is copied once into the bytes the reply sends.
+        """
         api = self._api
-        names = list(outputs) if outputs is not None else [spec.name for spec in self.outputs]
+        names = tuple(outputs) if outputs is not None else self._all_outputs
+        output_names = self._output_name_arrays.get(names)
+        if output_names is None:
+            output_names = (c_char_p * len(names))(*(self._output_names[name] for name in names))
+            self._output_name_arrays[names] = output_names
         values = (c_void_p * len(self.inputs))()
         results = (c_void_p * len(names))()
         try:
             for slot, spec in enumerate(self.inputs):
                 tensor = feeds[spec.name]
-                shape = (c_int64 * len(tensor.shape))(*tensor.shape)
-                values[slot] = api.out(
-                    "CreateTensorWithDataAsOrtValue", api.cpu_memory, tensor.data, len(tensor.data),
-                    shape, len(tensor.shape), _ELEMENT_TYPE_OF[tensor.datatype],
+                rank = len(tensor.shape)
+                created = c_void_p()
+                status = api.CreateTensorWithDataAsOrtValue(
+                    api.cpu_memory, tensor.data, len(tensor.data), (c_int64 * rank)(*tensor.shape), rank,
+                    _ELEMENT_TYPE_OF[tensor.datatype], ctypes.byref(created),
                 )
-            input_names = (c_char_p * len(self._input_names))(*self._input_names)
-            output_names = (c_char_p * len(names))(*(self._output_names[name] for name in names))
-            api.call("Run", self._session, None, input_names, values, len(values), output_names, len(names), results)
+                api.check("CreateTensorWithDataAsOrtValue", status)
+                values[slot] = created
+            status = api.Run(self._session, None, self._input_name_array, values, len(values), output_names, len(names), results)
+            api.check("Run", status)
             return {name: self._read(name, value) for name, value in zip(names, results)}
         finally:
             for value in (*values, *results):
@@ -302,15 +316,23 @@ class CApiModel:
                     api.ReleaseValue(value)
 
     def _read(self, name: str, value: int) -> RawTensor:
+        """Copy one output OrtValue into a RawTensor (its datatype and rank are the model's)."""
         api = self._api
-        info = api.out("GetTensorTypeAndShape", value)
+        datatype, rank, size = self._output_layout[name]
+        info = c_void_p()
+        api.check("GetTensorTypeAndShape", api.GetTensorTypeAndShape(value, ctypes.byref(info)))
         try:
-            datatype, shape = api.tensor_info(info)
+            dims = (c_int64 * rank)()
+            api.check("GetDimensions", api.GetDimensions(info, dims, rank))
         finally:
             api.ReleaseTensorTypeAndShapeInfo(info)
-        size = math.prod(shape) * itemsize(datatype)
-        data = api.out("GetTensorMutableData", value) if size else None
-        return RawTensor(datatype, shape, ctypes.string_at(data, size) if size else b"")
+        shape = tuple(dims)
+        size *= math.prod(shape)
+        if not size:
+            return RawTensor(datatype, shape, b"")
+        data = c_void_p()
+        api.check("GetTensorMutableData", api.GetTensorMutableData(value, ctypes.byref(data)))
+        return RawTensor(datatype, shape, ctypes.string_at(data, size))
 
     def close(self) -> None:
         """Release the session (also done when the model is garbage-collected)."""
