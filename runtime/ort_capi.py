@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 from nonn.artifacts import ArtifactError
 from nonn.runtime.codec import RawTensor, TensorSpec, itemsize
 
-__all__ = ["ModelIntegrityError", "OrtError", "CApiModel", "read_verified", "library_path"]
+__all__ = ["ModelIntegrityError", "OrtError", "OrtLibraryError", "CApiModel", "read_verified", "library_path"]
 
 # The API version asked for: every member used below exists since ONNX Runtime 1.8.
 _API_VERSION = 8
@@ -105,6 +105,10 @@ class OrtError(RuntimeError):
     """ONNX Runtime reported an error (its message, and the call that failed)."""
 
 
+class OrtLibraryError(OSError):
+    """ONNX Runtime's C library is missing, cannot be loaded, or is too old."""
+
+
 def read_verified(path: str | os.PathLike[str], expected_sha256: str | None) -> tuple[bytes, str]:
     """The model file's bytes and sha256, refusing a mismatch with `expected_sha256`.
 
@@ -131,10 +135,10 @@ def library_path() -> Path:
         return Path(override)
     spec = importlib.util.find_spec("onnxruntime")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise OrtError("the onnxruntime package is not installed; set NONN_ORT_LIBRARY to libonnxruntime.so")
+        raise OrtLibraryError("the onnxruntime package is not installed; set NONN_ORT_LIBRARY to libonnxruntime.so")
     found = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "capi", "libonnxruntime.so*")))
     if not found:
-        raise OrtError(
+        raise OrtLibraryError(
             f"no libonnxruntime.so in {spec.submodule_search_locations[0]}/capi; "
             "set NONN_ORT_LIBRARY to ONNX Runtime's C library"
         )
@@ -148,7 +152,9 @@ class _Api:
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as exc:
-            raise OrtError(f"cannot load ONNX Runtime's C library {path}: {exc}") from None
+            raise OrtLibraryError(
+                f"cannot load ONNX Runtime's C library: {exc}; point NONN_ORT_LIBRARY at a libonnxruntime.so"
+            ) from None
 
         class ApiBase(ctypes.Structure):
             _fields_ = [("GetApi", ctypes.CFUNCTYPE(c_void_p, c_uint32)), ("GetVersionString", ctypes.CFUNCTYPE(c_char_p))]
@@ -158,7 +164,7 @@ class _Api:
         self.version = base.GetVersionString().decode()
         table = base.GetApi(_API_VERSION)
         if not table:
-            raise OrtError(f"{path}: ONNX Runtime {self.version} does not offer C API version {_API_VERSION}")
+            raise OrtLibraryError(f"{path}: ONNX Runtime {self.version} does not offer C API version {_API_VERSION}")
         pointers = ctypes.cast(table, POINTER(c_void_p * (max(i for i, _, _ in _MEMBERS.values()) + 1))).contents
         for name, (index, restype, argtypes) in _MEMBERS.items():
             setattr(self, name, ctypes.CFUNCTYPE(restype, *argtypes)(pointers[index]))

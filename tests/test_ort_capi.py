@@ -16,7 +16,7 @@ from nonn.artifacts import ArtifactError
 from nonn.runtime.arrays import from_array, to_array
 from nonn.runtime.codec import RawTensor
 from nonn.runtime.onnx_model import OnnxModel
-from nonn.runtime.ort_capi import CApiModel, ModelIntegrityError, OrtError
+from nonn.runtime.ort_capi import CApiModel, ModelIntegrityError, OrtError, OrtLibraryError, _Api, library_path
 
 
 def mixed_types_model(path):
@@ -94,6 +94,15 @@ def test_errors_name_the_problem(tmp_path):
     # The session still answers a good request afterwards.
     ok = model.run_tensors({"input": RawTensor("FP32", (1, 1, 4, 4), bytes(64))})
     assert ok["features"].shape == (1, 4)
+
+
+def test_the_library_can_be_named_and_a_bad_one_is_refused(tmp_path, monkeypatch):
+    assert library_path().name.startswith("libonnxruntime.so")
+    monkeypatch.setenv("NONN_ORT_LIBRARY", str(tmp_path / "libonnxruntime.so"))
+    assert library_path() == tmp_path / "libonnxruntime.so"
+    (tmp_path / "libonnxruntime.so").write_bytes(b"not a library")
+    with pytest.raises(OrtLibraryError, match="cannot load ONNX Runtime's C library: .*libonnxruntime.so.*NONN_ORT_LIBRARY"):
+        _Api(library_path())
 
 
 def test_device_server_runs_without_numpy_or_the_python_binding(tmp_path):

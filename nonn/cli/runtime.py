@@ -41,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve one ONNX model on inference.GRPCInferenceService (KServe v2) and "
         "grpc.health.v1. From a bundle, the model's sha256 is checked against the manifest and a "
         "mismatch is refused. With --aggregate, serve the whole ensemble as one model by fanning "
-        "each request out to the student devices. Stops gracefully on SIGTERM.",
+        "each request out to the student devices. Stops gracefully on SIGTERM. A device model runs "
+        "in ONNX Runtime's C library (from the onnxruntime wheel; the environment variable "
+        "NONN_ORT_LIBRARY names another libonnxruntime.so), without numpy.",
     )
     what = s.add_argument_group("what to serve")
     what.add_argument("--bundle", default=None, help="bundle directory from `nonn export`")
