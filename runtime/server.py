@@ -40,7 +40,7 @@ from nonn.runtime.codec import (
     requested_outputs,
 )
 from nonn.runtime.memory import release_free_memory, tune_malloc
-from nonn.runtime.ort_capi import CApiModel
+from nonn.runtime.ort_capi import CApiModel, OrtLibraryError
 from nonn.runtime.protocol import model_config_pb2, pb, service_pb2_grpc
 from nonn.runtime.tls import ServerTLS
 
@@ -61,6 +61,7 @@ __all__ = [
     "serve",
     "serve_backends",
     "student_backend",
+    "load_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -654,6 +655,23 @@ def serve_backends(
             signal.signal(sig, handler)
 
 
+def load_model(path: str | os.PathLike[str], *, threads: int = 1, expected_sha256: str | None = None) -> TensorModel:
+    """A model to serve: through ONNX Runtime's C library (no numpy), else its Python binding.
+
+    The fallback (with a warning) is for an onnxruntime build without the C library; a library
+    named in NONN_ORT_LIBRARY that does not load is an error instead.
+    """
+    try:
+        return CApiModel(path, threads=threads, expected_sha256=expected_sha256)
+    except OrtLibraryError as exc:
+        if os.environ.get("NONN_ORT_LIBRARY"):
+            raise
+        log.warning("%s; serving through ONNX Runtime's Python binding instead (more memory: it loads numpy)", exc)
+    from nonn.runtime.onnx_model import OnnxModel
+
+    return OnnxModel(path, threads=threads, expected_sha256=expected_sha256)
+
+
 def student_backend(
     bundle: Any,
     student: str | int,
@@ -676,7 +694,7 @@ def student_backend(
     except KeyError as exc:
         raise ValueError(exc.args[0]) from None
     path = bundle.path_of(entry)
-    model = CApiModel(path, threads=threads, expected_sha256=entry.sha256)
+    model = load_model(path, threads=threads, expected_sha256=entry.sha256)
     declared = (
         [TensorSpec(entry.input.name, entry.input.datatype, tuple(entry.input.shape))],
         [TensorSpec(entry.output.name, entry.output.datatype, tuple(entry.output.shape))],
@@ -704,6 +722,6 @@ def serve(
     grace_s: float = 5.0,
 ) -> None:
     """Load one ONNX model (refusing a sha256 mismatch) and serve it as `name` until SIGTERM."""
-    model = CApiModel(model_path, threads=threads, expected_sha256=expected_sha256)
+    model = load_model(model_path, threads=threads, expected_sha256=expected_sha256)
     backend = OnnxBackend(model, name, max_batch=max_batch, workers=workers)
     serve_backends(backend, host=host, port=port, tls=tls, grace_s=grace_s, ready_file=ready_file)

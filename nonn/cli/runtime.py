@@ -103,8 +103,7 @@ def _client_tls(args: argparse.Namespace, prefix: str):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from nonn.runtime.ort_capi import CApiModel
-    from nonn.runtime.server import OnnxBackend, serve_backends, student_backend
+    from nonn.runtime.server import OnnxBackend, load_model, serve_backends, student_backend
     from nonn.runtime.tls import ServerTLS
 
     if not 0 <= args.port <= 65535:
@@ -143,7 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
     elif args.model is not None:
         if not args.name:
             raise CLIError("--model needs --name (the model name clients ask for)")
-        model = CApiModel(args.model, threads=args.threads, expected_sha256=args.sha256)
+        model = load_model(args.model, threads=args.threads, expected_sha256=args.sha256)
         backend = OnnxBackend(model, args.name, max_batch=args.max_batch, workers=args.workers)
     else:
         raise CLIError("nothing to serve: give --bundle DIR --student K, --model FILE --name NAME, or --bundle DIR --aggregate --devices ...")
