@@ -18,6 +18,7 @@ import abc
 import logging
 import os
 import signal
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -605,6 +606,38 @@ class DeviceServer:
         self.stop(0)
 
 
+class _StopSignals:
+    """SIGTERM and SIGINT, delivered to a socket the main thread blocks on (main thread only).
+
+    The handler itself does nothing: Python's C-level handler writes the signal number to the
+    wakeup socket, whichever thread the kernel interrupted. A handler that set a threading.Event
+    instead could deadlock when the signal landed while the main thread held that Event's lock.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> "_StopSignals":
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._previous = {sig: signal.signal(sig, lambda *_: None) for sig in self.SIGNALS}
+        return self
+
+    def wait(self) -> int:
+        """Block until SIGTERM or SIGINT arrives; return it."""
+        while True:
+            for number in self._read.recv(64):
+                if number in self.SIGNALS:
+                    return number
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        self._read.close()
+        self._write.close()
+
+
 def serve_backends(
     backends: ModelBackend | Sequence[ModelBackend],
     *,
@@ -630,29 +663,28 @@ def serve_backends(
     )  # fmt: skip
     if tune_memory:
         tune_malloc()
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     ready = Path(ready_file) if ready_file is not None else None
-    try:
-        server.start()
-        if tune_memory:
-            release_free_memory()
-        names = [backend.name for backend in server.backends]
-        if ready is not None:
-            atomic_write_json(
-                ready,
-                {"models": names, "host": server.host, "port": server.port, "address": server.address, "pid": os.getpid()},
-            )
-        print(f"nonn serve: {', '.join(names)} ready on {server.address}", flush=True)
-        while not stop.wait(1.0):
-            pass
-        log.info("signal received: finishing in-flight requests (up to %.1f s), then stopping", server.grace_s)
-    finally:
-        server.stop()
-        if ready is not None:
-            ready.unlink(missing_ok=True)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with _StopSignals() as stop_signals:
+        try:
+            server.start()
+            if tune_memory:
+                release_free_memory()
+            names = [backend.name for backend in server.backends]
+            if ready is not None:
+                atomic_write_json(
+                    ready,
+                    {"models": names, "host": server.host, "port": server.port, "address": server.address, "pid": os.getpid()},
+                )
+            print(f"nonn serve: {', '.join(names)} ready on {server.address}", flush=True)
+            received = stop_signals.wait()
+            log.info(
+                "%s received: finishing in-flight requests (up to %.1f s), then stopping",
+                signal.Signals(received).name, server.grace_s,
+            )  # fmt: skip
+        finally:
+            server.stop()
+            if ready is not None:
+                ready.unlink(missing_ok=True)
 
 
 def load_model(path: str | os.PathLike[str], *, threads: int = 1, expected_sha256: str | None = None) -> TensorModel:
