@@ -332,7 +332,9 @@ def test_tampered_model_is_refused(tmp_path, model_path, capsys):
     assert student_backend(tmp_path / "bundle", "student_0").name == "student_0"
 
 
-def test_cli_serve_without_torch_until_sigterm(tmp_path, model_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_cli_serve_without_torch_until_stopped(tmp_path, model_path, stop_signal):
+    """SIGTERM and SIGINT (Ctrl-C) both stop the server gracefully: exit 0, no traceback."""
     ready = tmp_path / "ready.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # The device side runs without torch: block it, as on a device that does not have it.
@@ -356,34 +358,14 @@ def test_cli_serve_without_torch_until_sigterm(tmp_path, model_path):
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             reply = stub.ModelInfer(good_request(np.ones((2, *SHAPE)), "dev"), timeout=5)
             assert list(reply.outputs[0].shape) == [2, FEATURES]
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop_signal)
         assert proc.wait(timeout=15) == 0
         assert not ready.exists()
-        assert "SIGTERM received: finishing in-flight requests" in proc.stdout.read().decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def test_ctrl_c_stops_a_server_gracefully(tmp_path, model_path):
-    """SIGINT (Ctrl-C) takes the same graceful path as SIGTERM: exit 0, no traceback."""
-    ready = tmp_path / "ready.json"
-    argv = ["serve", "--model", str(model_path), "--name", "dev", "--port", "0", "--ready-file", str(ready)]
-    code = f"from nonn.cli import main; import sys; sys.exit(main({argv!r}))"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=15) == 0
         out = proc.stdout.read().decode()
-        assert "SIGINT received: finishing in-flight requests" in out
+        assert f"{signal.Signals(stop_signal).name} received: finishing in-flight requests" in out
         assert "Traceback" not in out
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
