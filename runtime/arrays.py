@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from nonn.runtime.codec import RawTensor, TensorError, itemsize
+from nonn.runtime.codec import NUMPY_DTYPE_STRINGS, RawTensor, TensorError, itemsize
 
 __all__ = ["DATATYPES", "numpy_dtype", "datatype_of", "to_array", "from_array"]
 
 # KServe v2 datatype string -> little-endian numpy dtype.
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
+DATATYPES: dict[str, np.dtype] = {name: np.dtype(code) for name, code in NUMPY_DTYPE_STRINGS.items()}
 
 
 def numpy_dtype(datatype: str) -> np.dtype:

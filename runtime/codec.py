@@ -22,6 +22,7 @@ __all__ = [
     "TensorSpec",
     "RawTensor",
     "DATATYPE_SIZES",
+    "NUMPY_DTYPE_STRINGS",
     "itemsize",
     "datatype_from_onnx",
     "check_shape",
@@ -191,22 +192,23 @@ class RawTensor:
         return math.prod(self.shape) * itemsize(self.datatype)
 
 
-# numpy's dtype.str for each datatype: lets backends return numpy arrays without this module
-# importing numpy.
-_NUMPY_DTYPE_STR = {
-    "|b1": "BOOL",
-    "|u1": "UINT8",
-    "<u2": "UINT16",
-    "<u4": "UINT32",
-    "<u8": "UINT64",
-    "|i1": "INT8",
-    "<i2": "INT16",
-    "<i4": "INT32",
-    "<i8": "INT64",
-    "<f2": "FP16",
-    "<f4": "FP32",
-    "<f8": "FP64",
+# Each datatype as numpy spells it (dtype.str): lets backends return numpy arrays without this
+# module importing numpy, and is where nonn.runtime.arrays gets its dtypes.
+NUMPY_DTYPE_STRINGS: dict[str, str] = {
+    "BOOL": "|b1",
+    "UINT8": "|u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "|i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
 }
+_DATATYPE_OF_DTYPE_STRING = {code: name for name, code in NUMPY_DTYPE_STRINGS.items()}
 
 
 def as_raw_tensor(value: Any) -> RawTensor:
@@ -214,7 +216,7 @@ def as_raw_tensor(value: Any) -> RawTensor:
     if isinstance(value, RawTensor):
         return value
     dtype = getattr(value, "dtype", None)
-    datatype = _NUMPY_DTYPE_STR.get(getattr(dtype, "str", None))
+    datatype = _DATATYPE_OF_DTYPE_STRING.get(getattr(dtype, "str", None))
     if datatype is None or not hasattr(value, "tobytes"):
         raise TensorError(f"cannot send {type(value).__name__} (dtype {dtype}) as an Open Inference Protocol tensor")
     return RawTensor(datatype, tuple(int(d) for d in value.shape), value.tobytes())
