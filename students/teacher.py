@@ -203,7 +203,9 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
 
     torch.manual_seed(config.seed)
     c, _, _ = dataset.input_shape
-    model = create_model(config.arch, num_classes=dataset.num_classes, in_channels=c, **config.arch_kwargs).to(device)
+    # channels_last: 1.3-1.5x faster convolutions on CPU (oneDNN) and the layout tensor cores want.
+    model = create_model(config.arch, num_classes=dataset.num_classes, in_channels=c, **config.arch_kwargs).to(
+        device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
     )
@@ -243,7 +245,8 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                    disable=not config.progress, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
             logits = model(x)
             loss = nn.functional.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
