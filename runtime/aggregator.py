@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -263,92 +264,137 @@ class _CallFailed(Exception):
         self.details = details
 
 
+class _OpenStream:
+    """One ModelStreamInfer call and what its replies have shown about the server.
+
+    `echoes_ids` is None until the first reply: True when the server echoes request ids (every
+    reply is then matched by id), False when it leaves them empty (replies are then taken in
+    the order the requests were written, which `written` keeps).
+    """
+
+    __slots__ = ("call", "written", "echoes_ids")
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.written: collections.deque[str] = collections.deque()
+        self.echoes_ids: bool | None = None
+
+
 class _DeviceStream:
     """One ModelStreamInfer stream to a device, shared by every request to it.
 
-    Opened on first use and reopened after it breaks. Replies are matched to requests by id
-    (the oldest waiting request when a reply carries none); when a stream breaks, every request
-    waiting on it fails with _CallFailed carrying the stream's status.
+    Opened on first use and reopened after it breaks. Replies are matched to requests by id; on
+    a stream whose server echoes no ids at all (decided from its replies) they are matched by
+    the order the requests were written. A reply whose request is no longer waiting (it gave up
+    at its deadline) is dropped and counted through `on_unmatched`, never handed to another
+    request. When a stream breaks, every request waiting on it fails with _CallFailed carrying
+    the stream's status.
     """
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, on_unmatched: Callable[[], None] = lambda: None) -> None:
         self._open = channel.stream_stream(
             _STREAM_METHOD,
             request_serializer=pb.ModelInferRequest.SerializeToString,
             response_deserializer=pb.ModelStreamInferResponse.FromString,
         )
-        self._call: Any = None
+        self._on_unmatched = on_unmatched
+        self._current: _OpenStream | None = None
         self._readers: set[asyncio.Task] = set()
         # Waiting requests by id, with the stream each was written to.
-        self._pending: dict[str, tuple[Any, asyncio.Future]] = {}
+        self._pending: dict[str, tuple[_OpenStream, asyncio.Future]] = {}
         self._write_lock = asyncio.Lock()
 
-    def _ensure_open(self) -> Any:
-        if self._call is None:
-            self._call = self._open()
-            reader = asyncio.ensure_future(self._read(self._call))
+    def _ensure_open(self) -> _OpenStream:
+        if self._current is None:
+            self._current = _OpenStream(self._open())
+            reader = asyncio.ensure_future(self._read(self._current))
             self._readers.add(reader)
             reader.add_done_callback(self._readers.discard)
-        return self._call
+        return self._current
 
-    def _forget(self, call: Any) -> None:
-        if self._call is call:
-            self._call = None
+    def _forget(self, stream: _OpenStream) -> None:
+        if self._current is stream:
+            self._current = None
 
-    async def _read(self, call: Any) -> None:
+    def _match(self, stream: _OpenStream, reply: pb.ModelStreamInferResponse) -> asyncio.Future | None:
+        """The waiting request `reply` answers, removed from the pending ones; None if there is none."""
+        request_id = reply.infer_response.id
+        if request_id:
+            if stream.echoes_ids is None:
+                stream.echoes_ids = True
+                stream.written.clear()
+        elif stream.echoes_ids:
+            return None  # an id-less reply on a stream that echoes ids cannot be placed
+        else:
+            stream.echoes_ids = False
+            if not stream.written:
+                return None
+            request_id = stream.written.popleft()
+        entry = self._pending.get(request_id)
+        if entry is None or entry[0] is not stream:
+            return None
+        del self._pending[request_id]
+        return entry[1]
+
+    async def _read(self, stream: _OpenStream) -> None:
         failure = _CallFailed(grpc.StatusCode.UNAVAILABLE, "the device closed the stream")
         try:
-            async for reply in call:
-                request_id = reply.infer_response.id
-                entry = self._pending.get(request_id)
-                if entry is None or entry[0] is not call:  # no id echoed: replies come in request order
-                    request_id = next((k for k, e in self._pending.items() if e[0] is call), None)
-                    entry = self._pending.get(request_id) if request_id is not None else None
-                if entry is not None:
-                    del self._pending[request_id]
-                    if not entry[1].done():
-                        entry[1].set_result(reply)
+            async for reply in stream.call:
+                future = self._match(stream, reply)
+                if future is None:
+                    self._on_unmatched()
+                elif not future.done():
+                    future.set_result(reply)
         except grpc.aio.AioRpcError as exc:
             failure = _CallFailed(exc.code(), exc.details() or "")
         except asyncio.CancelledError:
             failure = _CallFailed(grpc.StatusCode.CANCELLED, "the aggregator closed the stream")
         finally:
-            self._forget(call)
+            self._forget(stream)
             for request_id, (owner, future) in list(self._pending.items()):
-                if owner is call:
+                if owner is stream:
                     del self._pending[request_id]
                     if not future.done():
                         future.set_exception(failure)
 
     async def infer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
         """Send one request and wait for its reply (the caller bounds the wait)."""
-        call = self._ensure_open()
+        stream = self._ensure_open()
         future = asyncio.get_running_loop().create_future()
-        entry = (call, future)
+        entry = (stream, future)
         self._pending[request.id] = entry
         try:
             async with self._write_lock:
+                if not stream.echoes_ids:  # the order of writes matters until the server shows ids
+                    stream.written.append(request.id)
                 try:
-                    await call.write(request)
+                    await stream.call.write(request)
                 except grpc.aio.AioRpcError as exc:
-                    self._forget(call)
+                    self._forget(stream)
                     raise _CallFailed(exc.code(), exc.details() or "") from None
+                except asyncio.CancelledError:
+                    if not stream.echoes_ids:
+                        # Whether the device got this message is unknown, so is the order of the
+                        # replies to come: later requests go on a new stream.
+                        self._forget(stream)
+                        stream.call.cancel()
+                    raise
                 except asyncio.InvalidStateError:  # the stream had already ended: report how
-                    self._forget(call)
-                    code = await call.code()
+                    self._forget(stream)
+                    code = await stream.call.code()
                     if code == grpc.StatusCode.OK:
                         raise _CallFailed(grpc.StatusCode.UNAVAILABLE, "the device closed the stream") from None
-                    raise _CallFailed(code, await call.details() or "") from None
+                    raise _CallFailed(code, await stream.call.details() or "") from None
             return await future
         finally:
             if self._pending.get(request.id) is entry:
                 del self._pending[request.id]
 
     async def close(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
+        if self._current is not None:
+            self._current.call.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
-        self._call = None
+        self._current = None
 
 
 class Aggregator:
@@ -452,6 +498,9 @@ class Aggregator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: LoopThread | None = None
         self._ids = itertools.count()
+        # Per device: stream replies dropped because their request was no longer waiting (it
+        # had reached its deadline) or could not be identified.
+        self.unmatched_replies = [0] * len(self.routes)
 
     # -- connection life cycle ---------------------------------------------------------------
     def _channel(self, target: str) -> grpc.aio.Channel:
@@ -482,8 +531,13 @@ class Aggregator:
             service_pb2_grpc.GRPCInferenceServiceStub(self._channels[endpoint]).ModelInfer for endpoint in self.endpoints
         ]
         self._streams = [
-            None if self.transport == "unary" else _DeviceStream(self._channels[endpoint]) for endpoint in self.endpoints
+            None if self.transport == "unary" else _DeviceStream(self._channels[endpoint], functools.partial(self._unmatched, k))
+            for k, endpoint in enumerate(self.endpoints)
         ]
+
+    def _unmatched(self, k: int) -> None:
+        self.unmatched_replies[k] += 1
+        log.debug("%s: dropped a reply for a request that is no longer waiting", self.endpoints[k])
 
     async def close(self) -> None:
         while self._queue:
@@ -641,6 +695,8 @@ class Aggregator:
                 sent += size
                 received += reply_size
                 try:
+                    if reply.id and reply.id != request_id:
+                        raise TensorError(f"the reply is for request {reply.id!r}, not {request_id!r}")
                     features = self._features(route, reply, shape[0])
                 except TensorError as exc:
                     error = f"bad reply: {exc}"
