@@ -24,24 +24,37 @@ STUB_MODULES = ("service_pb2", "service_pb2_grpc", "model_config_pb2")
 
 
 def _register_package_lazily() -> None:
-    """Put `tritonclient.grpc` in sys.modules with its body deferred to first attribute use."""
+    """Put `tritonclient.grpc` in sys.modules with its body deferred to first attribute use.
+
+    The body runs once, under a lock; when it fails, every later use raises that same error
+    (the package is left half-initialised, so nothing in it can be trusted).
+    """
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or spec.loader is None:
         raise ImportError(f"{_PACKAGE} is not installed (pip install tritonclient[grpc])")
     package = importlib.util.module_from_spec(spec)
-    lock = threading.RLock()
-    loaded = False
+    lock = threading.Lock()
+    state: dict[str, object] = {"loaded": False, "error": None}
 
     def __getattr__(name: str) -> object:
-        nonlocal loaded
         # The import system probes for submodules before importing them: let it import the stubs.
-        if name in STUB_MODULES or name.startswith("__") or loaded:
+        if name in STUB_MODULES or name.startswith("__"):
             raise AttributeError(f"module {_PACKAGE!r} has no attribute {name!r}")
         with lock:
-            if not loaded:
-                loaded = True
-                spec.loader.exec_module(package)  # the real __init__: the client, numpy, ...
-        return getattr(package, name)
+            if state["error"] is None and not state["loaded"]:
+                try:
+                    spec.loader.exec_module(package)  # the real __init__: the client, numpy, ...
+                except BaseException as exc:
+                    state["error"] = exc
+                else:
+                    state["loaded"] = True
+            error = state["error"]
+        if error is not None:
+            raise error
+        try:
+            return package.__dict__[name]
+        except KeyError:
+            raise AttributeError(f"module {_PACKAGE!r} has no attribute {name!r}") from None
 
     package.__getattr__ = __getattr__  # type: ignore[attr-defined]
     sys.modules[_PACKAGE] = package

@@ -109,3 +109,20 @@ def test_cli_defaults_match_the_runtime():
 
     assert cli_runtime.DEFAULT_MAX_STREAMS == server.DEFAULT_MAX_STREAMS
     assert common.TRANSPORTS == aggregator.TRANSPORTS
+
+
+def test_a_failing_tritonclient_client_raises_its_own_error_every_time():
+    """The device side loads tritonclient's stubs without its client; when the client's import
+    later fails, each use names the real cause, not a puzzling missing attribute."""
+    code = (
+        "import sys\n"
+        "import nonn.runtime.protocol\n"
+        "sys.modules['numpy'] = None  # the client needs numpy: its import now fails\n"
+        "import tritonclient.grpc as client\n"
+        "for _ in range(3):\n"
+        "    try:\n"
+        "        client.InferenceServerClient\n"
+        "    except Exception as exc:\n"
+        "        print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
