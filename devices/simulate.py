@@ -9,7 +9,7 @@ process it started is stopped before it returns, also when the run fails or is i
 
 Pure numpy + the runtime: no torch. Images are raw: uint8 pixels, or floats in [0, 1], shaped
 (N, C, H, W); the bundle's preprocessing (mean, std) is applied here, as a client of the fleet
-would (`nonn.runtime.aggregator.preprocess_images`).
+would (`nonn.runtime.preprocessing.preprocess_images`).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class SimulationConfig:
             raise ValueError(f"deadline must be positive, got {self.deadline_s}")
         if self.network not in NETWORK_MODES:
             raise ValueError(f"network {self.network!r} is not one of {', '.join(NETWORK_MODES)}")
-        from nonn.runtime.aggregator import TRANSPORTS
+        from nonn.runtime.device_client import TRANSPORTS
 
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
@@ -189,7 +189,7 @@ def simulate(
     images' true classes; `teacher_predictions` (classes or logits per image) adds agreement
     with the teacher to the report.
     """
-    from nonn.runtime.aggregator import preprocess_images
+    from nonn.runtime.preprocessing import preprocess_images
     from nonn.runtime.bundle import Bundle
 
     config = config or SimulationConfig()

@@ -2,7 +2,7 @@
 
 grpc.aio channels and servers belong to the loop they were created on; LoopThread keeps one
 loop alive so a synchronous caller (tests, benchmarks, `Aggregator.infer_sync`) can submit
-coroutines to it from any thread.
+coroutines to it from any thread; BlockingFacade gives an async object blocking methods that way.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 import threading
 from typing import Any, Coroutine, TypeVar
 
-__all__ = ["LoopThread"]
+__all__ = ["LoopThread", "BlockingFacade"]
 
 T = TypeVar("T")
 
@@ -40,3 +40,41 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+class BlockingFacade:
+    """Blocking use of an object whose coroutines belong to one event loop: a private LoopThread.
+
+    The object provides async `start()` and `close()`; `blocking(coro)` runs a coroutine on the
+    object's own loop thread, started on first use, and `with obj:` starts and closes it. An
+    object already started on a caller's event loop refuses blocking use (its channels belong
+    to that loop).
+    """
+
+    _loop_thread: LoopThread | None = None
+    _thread_name = "nonn-loop"
+
+    def _loop_in_use(self) -> bool:
+        """True when the object already runs on an event loop of the caller's (override)."""
+        return False
+
+    def blocking(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop_thread is None:
+            if self._loop_in_use():
+                coro.close()
+                raise RuntimeError(f"this {type(self).__name__} is already in use on an event loop; await it there")
+            self._loop_thread = LoopThread(name=self._thread_name)
+        return self._loop_thread.run(coro)
+
+    def close_sync(self) -> None:
+        if self._loop_thread is not None:
+            self._loop_thread.run(self.close())  # type: ignore[attr-defined]
+            self._loop_thread.stop()
+            self._loop_thread = None
+
+    def __enter__(self):
+        self.blocking(self.start())  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close_sync()

@@ -4,32 +4,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from nonn.runtime.codec import NUMPY_DTYPE_STRINGS, RawTensor, TensorError, itemsize
+from nonn.runtime.codec import RawTensor
+from nonn.runtime.datatypes import DATATYPES, TensorError, datatype_from_numpy, datatype_info
 
-__all__ = ["DATATYPES", "numpy_dtype", "datatype_of", "to_array", "from_array"]
-
-# KServe v2 datatype string -> little-endian numpy dtype.
-DATATYPES: dict[str, np.dtype] = {name: np.dtype(code) for name, code in NUMPY_DTYPE_STRINGS.items()}
+__all__ = ["numpy_dtype", "datatype_of", "to_array", "from_array"]
 
 
-def numpy_dtype(datatype: str) -> np.dtype:
-    """The numpy dtype for a KServe datatype string; TensorError for an unknown or unsupported one."""
-    itemsize(datatype)
-    return DATATYPES[datatype]
-
-
-_DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype for a datatype name; TensorError for an unknown or unsupported one."""
+    return np.dtype(datatype_info(name).numpy)
 
 
 def datatype_of(dtype: np.dtype | type | str) -> str:
-    """The KServe datatype string for a numpy dtype (float32 -> "FP32")."""
+    """The datatype name for a numpy dtype (float32 -> "FP32")."""
     dtype = np.dtype(dtype)
-    known = _DATATYPE_OF.get(dtype)
+    known = datatype_from_numpy(dtype.str)
     if known is not None:
         return known
-    for name, candidate in DATATYPES.items():
+    for entry in DATATYPES.values():  # e.g. a big-endian dtype: the same kind and size
+        candidate = np.dtype(entry.numpy)
         if candidate.kind == dtype.kind and candidate.itemsize == dtype.itemsize:
-            return name
+            return entry.name
     raise TensorError(f"numpy dtype {dtype} has no Open Inference Protocol datatype")
 
 

@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from nonn.artifacts import ArtifactError, atomic_write_json, read_json_artifact, sha256_file
+from nonn.runtime.datatypes import DATATYPES, TensorError, TensorSpec, datatype_from_onnx
 
 __all__ = [
     "BUNDLE_FORMAT",
     "MANIFEST_NAME",
     "TRITON_DIR",
-    "KSERVE_DATATYPES",
     "TensorSpec",
     "ModelEntry",
     "StudentEntry",
@@ -63,25 +63,6 @@ __all__ = [
 BUNDLE_FORMAT = "nonn.bundle/1"
 MANIFEST_NAME = "manifest.json"
 TRITON_DIR = "triton"
-
-# KServe v2 / Open Inference Protocol tensor datatypes and the numpy dtype names they map to.
-KSERVE_DATATYPES: dict[str, str] = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-}
-# ONNX Runtime's type strings for the same tensors (used by verify_bundle).
-_ORT_TYPES = {f"tensor({v})": k for k, v in KSERVE_DATATYPES.items()}
-_ORT_TYPES.update({"tensor(float)": "FP32", "tensor(double)": "FP64"})
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -183,28 +164,16 @@ class _Reader:
 # --------------------------------------------------------------------------- dataclasses
 
 
-@dataclass
-class TensorSpec:
-    """One model input or output: name, shape (-1 = dynamic, the batch), KServe datatype."""
-
-    name: str
-    shape: list[int]
-    datatype: str = "FP32"
-
-    @property
-    def numpy_dtype(self) -> str:
-        return KSERVE_DATATYPES[self.datatype]
-
-    @classmethod
-    def _read(cls, r: _Reader) -> "TensorSpec":
-        shape = r.list("shape")
-        for i, d in enumerate(shape):
-            if isinstance(d, bool) or not isinstance(d, int) or (d < 1 and d != -1):
-                r.fail(f"item {i}: expected a positive size or -1, got {d!r}", "shape")
-        datatype = r.str("datatype")
-        if datatype not in KSERVE_DATATYPES:
-            r.fail(f"{datatype!r} is not a KServe datatype ({', '.join(KSERVE_DATATYPES)})", "datatype")
-        return cls(name=r.str("name"), shape=[int(d) for d in shape], datatype=datatype)
+def _read_tensor_spec(r: _Reader) -> TensorSpec:
+    """A TensorSpec from its manifest object {name, shape, datatype}."""
+    shape = r.list("shape")
+    for i, d in enumerate(shape):
+        if isinstance(d, bool) or not isinstance(d, int) or (d < 1 and d != -1):
+            r.fail(f"item {i}: expected a positive size or -1, got {d!r}", "shape")
+    datatype = r.str("datatype")
+    if datatype not in DATATYPES:
+        r.fail(f"{datatype!r} is not a KServe datatype ({', '.join(DATATYPES)})", "datatype")
+    return TensorSpec(r.str("name"), tuple(shape), datatype)
 
 
 @dataclass
@@ -235,8 +204,8 @@ class ModelEntry:
             name=r.str("name", pattern=_NAME_RE),
             file=file,
             sha256=r.str("sha256", pattern=_SHA256_RE),
-            input=TensorSpec._read(r.sub("input")),  # type: ignore[arg-type]
-            output=TensorSpec._read(r.sub("output")),  # type: ignore[arg-type]
+            input=_read_tensor_spec(r.sub("input")),  # type: ignore[arg-type]
+            output=_read_tensor_spec(r.sub("output")),  # type: ignore[arg-type]
             params=r.int("params"),
             flops=r.int("flops"),
             size_bytes=r.int("size_bytes", optional=True) or 0,
@@ -510,7 +479,7 @@ class Bundle:
         if len(set(files)) != len(files):
             fail(f"model files must be distinct, got {files}")
         seen: dict[int, str] = {}
-        image_shape = [-1, *self.preprocessing.input_shape]
+        image_shape = (-1, *self.preprocessing.input_shape)
         for i, s in enumerate(self.students):
             where = f"students[{i}] ({s.name})"
             if len(s.group) != s.feature_size:
@@ -520,14 +489,14 @@ class Bundle:
                     fail(f"{where}: filter {f} is also in {seen[f]}'s group (groups must be disjoint)")
                 seen[f] = s.name
             if s.input.shape != image_shape:
-                fail(f"{where}: input shape {s.input.shape} does not match preprocessing {image_shape}")
-            if s.output.shape != [-1, s.feature_size]:
-                fail(f"{where}: output shape {s.output.shape}, expected [-1, {s.feature_size}]")
+                fail(f"{where}: input shape {list(s.input.shape)} does not match preprocessing {list(image_shape)}")
+            if s.output.shape != (-1, s.feature_size):
+                fail(f"{where}: output shape {list(s.output.shape)}, expected [-1, {s.feature_size}]")
         total = sum(self.feature_sizes)
-        if self.head.input.shape != [-1, total]:
-            fail(f"head: input shape {self.head.input.shape}, expected [-1, {total}] (sum of feature sizes)")
-        if self.head.output.shape != [-1, self.num_classes]:
-            fail(f"head: output shape {self.head.output.shape}, expected [-1, {self.num_classes}] (one per class name)")
+        if self.head.input.shape != (-1, total):
+            fail(f"head: input shape {list(self.head.input.shape)}, expected [-1, {total}] (sum of feature sizes)")
+        if self.head.output.shape != (-1, self.num_classes):
+            fail(f"head: output shape {list(self.head.output.shape)}, expected [-1, {self.num_classes}] (one per class name)")
         if self.teacher is not None and self.teacher.input_shape != self.preprocessing.input_shape:
             fail(f"teacher: input shape {self.teacher.input_shape} differs from preprocessing {self.preprocessing.input_shape}")
 
@@ -578,9 +547,13 @@ def _check_onnx_io(path: Path, entry: ModelEntry) -> list[str]:
         shape = [d if isinstance(d, int) and d > 0 else -1 for d in arg.shape]
         if arg.name != spec.name:
             problems.append(f"{entry.name}: {kind} is named {arg.name!r} in the model, {spec.name!r} in the manifest")
-        if shape != spec.shape:
-            problems.append(f"{entry.name}: {kind} shape is {shape} in the model, {spec.shape} in the manifest")
-        if _ORT_TYPES.get(arg.type) != spec.datatype:
+        if shape != list(spec.shape):
+            problems.append(f"{entry.name}: {kind} shape is {shape} in the model, {list(spec.shape)} in the manifest")
+        try:
+            datatype = datatype_from_onnx(arg.type)
+        except TensorError:
+            datatype = None
+        if datatype != spec.datatype:
             problems.append(f"{entry.name}: {kind} type is {arg.type} in the model, {spec.datatype} in the manifest")
     if problems:
         return problems
@@ -592,7 +565,7 @@ def _check_onnx_io(path: Path, entry: ModelEntry) -> list[str]:
         return [f"{entry.name}: running the model on a {probe_shape} input failed ({exc})"]
     expected = [2 if d == -1 else d for d in entry.output.shape]
     if list(out.shape) != expected:
-        problems.append(f"{entry.name}: model returns shape {list(out.shape)} for a batch of 2, manifest says {entry.output.shape}")
+        problems.append(f"{entry.name}: model returns shape {list(out.shape)} for a batch of 2, manifest says {list(entry.output.shape)}")
     return problems
 
 

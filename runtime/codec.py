@@ -1,10 +1,11 @@
 """Open Inference Protocol (KServe v2) tensors on the wire, with validation; no numpy.
 
-One place for the wire format of tensors: datatype strings, raw little-endian contents, typed
-contents, and the checks a request must pass before it reaches a model (name, datatype, rank,
+One place for the wire format of tensors: raw little-endian contents, typed contents, and the
+checks a request must pass before it reaches a model (name, datatype, rank,
 shape, byte length, batch limit). A tensor here is a `RawTensor` (datatype, shape, bytes): the
 device server passes those bytes to ONNX Runtime as they are, so it never imports numpy.
-`nonn.runtime.arrays` converts between RawTensors and numpy arrays for the aggregator.
+`nonn.runtime.arrays` converts between RawTensors and numpy arrays for the aggregator; the
+datatypes themselves and TensorSpec are in `nonn.runtime.datatypes`.
 """
 
 from __future__ import annotations
@@ -15,16 +16,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from nonn.runtime.datatypes import DATATYPES, TensorError, TensorSpec, datatype_from_numpy, itemsize
 from nonn.runtime.protocol import pb
 
 __all__ = [
     "TensorError",
     "TensorSpec",
     "RawTensor",
-    "DATATYPE_SIZES",
-    "NUMPY_DTYPE_STRINGS",
-    "itemsize",
-    "datatype_from_onnx",
+    "tensor_metadata",
     "check_shape",
     "decode_input",
     "decode_output",
@@ -39,110 +38,9 @@ __all__ = [
 ]
 
 
-class TensorError(ValueError):
-    """A tensor on the wire does not match what the model expects (maps to INVALID_ARGUMENT)."""
-
-
-# KServe v2 datatype string -> bytes per element (raw contents are little-endian, C order).
-# BYTES (variable-length strings) is not a fixed-size type and no NoNN model uses it, so it is
-# rejected with a clear message.
-DATATYPE_SIZES: dict[str, int] = {
-    "BOOL": 1,
-    "UINT8": 1,
-    "UINT16": 2,
-    "UINT32": 4,
-    "UINT64": 8,
-    "INT8": 1,
-    "INT16": 2,
-    "INT32": 4,
-    "INT64": 8,
-    "FP16": 2,
-    "FP32": 4,
-    "FP64": 8,
-}
-
-# ONNX Runtime's type strings for the same element types.
-_ONNX_TYPES = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-}
-
-# Which InferTensorContents field carries each datatype when a client sends typed contents, and
-# the `array` typecode that packs its values into raw bytes.
-_TYPED_FIELDS = {
-    "BOOL": ("bool_contents", "B"),
-    "INT8": ("int_contents", "b"),
-    "INT16": ("int_contents", "h"),
-    "INT32": ("int_contents", "i"),
-    "INT64": ("int64_contents", "q"),
-    "UINT8": ("uint_contents", "B"),
-    "UINT16": ("uint_contents", "H"),
-    "UINT32": ("uint_contents", "I"),
-    "UINT64": ("uint64_contents", "Q"),
-    "FP32": ("fp32_contents", "f"),
-    "FP64": ("fp64_contents", "d"),
-}
-
-
-def itemsize(datatype: str) -> int:
-    """Bytes per element of a KServe datatype; TensorError for an unknown or unsupported one."""
-    try:
-        return DATATYPE_SIZES[datatype]
-    except KeyError:
-        raise TensorError(
-            f"unsupported datatype {datatype!r}; expected one of {', '.join(DATATYPE_SIZES)}"
-        ) from None
-
-
-def datatype_from_onnx(onnx_type: str) -> str:
-    """The KServe datatype string for an ONNX Runtime type string ("tensor(float)" -> "FP32")."""
-    try:
-        return _ONNX_TYPES[onnx_type]
-    except KeyError:
-        raise TensorError(f"ONNX type {onnx_type!r} is not supported by the device server") from None
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A model input or output as the protocol describes it: name, datatype, shape (-1 = any)."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        itemsize(self.datatype)
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-        if any(d < -1 for d in self.shape):
-            raise TensorError(f"tensor {self.name!r}: shape {list(self.shape)} has a dimension below -1")
-
-    @property
-    def batched(self) -> bool:
-        """True when the first dimension is the dynamic batch dimension."""
-        return bool(self.shape) and self.shape[0] == -1
-
-    def metadata(self) -> pb.ModelMetadataResponse.TensorMetadata:
-        return pb.ModelMetadataResponse.TensorMetadata(
-            name=self.name, datatype=self.datatype, shape=list(self.shape)
-        )
-
-    @classmethod
-    def from_metadata(cls, meta: Any) -> "TensorSpec":
-        """From a ModelMetadataResponse.TensorMetadata (or anything with name/datatype/shape)."""
-        return cls(str(meta.name), str(meta.datatype), tuple(int(d) for d in meta.shape))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+def tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    """A TensorSpec as ModelMetadata describes a tensor."""
+    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
 
 
 def bytes_per_item(spec: TensorSpec) -> int | None:
@@ -150,7 +48,7 @@ def bytes_per_item(spec: TensorSpec) -> int | None:
     dims = spec.shape[1:] if spec.batched else spec.shape
     if any(d < 0 for d in dims):
         return None
-    return math.prod(dims) * itemsize(spec.datatype)
+    return math.prod(dims) * spec.itemsize
 
 
 def check_shape(spec: TensorSpec, shape: Sequence[int], max_batch: int | None = None) -> tuple[int, ...]:
@@ -192,31 +90,12 @@ class RawTensor:
         return math.prod(self.shape) * itemsize(self.datatype)
 
 
-# Each datatype as numpy spells it (dtype.str): lets backends return numpy arrays without this
-# module importing numpy, and is where nonn.runtime.arrays gets its dtypes.
-NUMPY_DTYPE_STRINGS: dict[str, str] = {
-    "BOOL": "|b1",
-    "UINT8": "|u1",
-    "UINT16": "<u2",
-    "UINT32": "<u4",
-    "UINT64": "<u8",
-    "INT8": "|i1",
-    "INT16": "<i2",
-    "INT32": "<i4",
-    "INT64": "<i8",
-    "FP16": "<f2",
-    "FP32": "<f4",
-    "FP64": "<f8",
-}
-_DATATYPE_OF_DTYPE_STRING = {code: name for name, code in NUMPY_DTYPE_STRINGS.items()}
-
-
 def as_raw_tensor(value: Any) -> RawTensor:
     """`value` as a RawTensor: a RawTensor as is, or a numpy array (anything with dtype, shape, tobytes)."""
     if isinstance(value, RawTensor):
         return value
     dtype = getattr(value, "dtype", None)
-    datatype = _DATATYPE_OF_DTYPE_STRING.get(getattr(dtype, "str", None))
+    datatype = datatype_from_numpy(getattr(dtype, "str", None))
     if datatype is None or not hasattr(value, "tobytes"):
         raise TensorError(f"cannot send {type(value).__name__} (dtype {dtype}) as an Open Inference Protocol tensor")
     return RawTensor(datatype, tuple(int(d) for d in value.shape), value.tobytes())
@@ -234,8 +113,10 @@ def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> R
 
 
 def _from_typed(name: str, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents) -> RawTensor:
-    itemsize(datatype)
-    field, typecode = _TYPED_FIELDS.get(datatype, (None, ""))
+    entry = DATATYPES.get(datatype)
+    if entry is None:
+        itemsize(datatype)  # raises, naming the datatypes there are
+    field, typecode = entry.contents_field, entry.typecode
     if field is None:
         raise TensorError(f"tensor {name!r}: datatype {datatype} must be sent in raw contents")
     values = getattr(contents, field)

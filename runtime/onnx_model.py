@@ -16,7 +16,8 @@ import onnxruntime as ort
 
 from nonn.artifacts import ArtifactError
 from nonn.runtime.arrays import from_array, to_array
-from nonn.runtime.codec import RawTensor, TensorSpec, datatype_from_onnx
+from nonn.runtime.codec import RawTensor
+from nonn.runtime.datatypes import TensorSpec, datatype_from_onnx
 from nonn.runtime.ort_capi import ModelIntegrityError, read_verified
 
 __all__ = ["ModelIntegrityError", "OnnxModel"]
@@ -25,7 +26,7 @@ __all__ = ["ModelIntegrityError", "OnnxModel"]
 def _spec(node: ort.NodeArg) -> TensorSpec:
     # Symbolic or unknown dimensions (strings, None) are dynamic: -1 on the wire.
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
-    return TensorSpec(node.name, datatype_from_onnx(node.type), shape)
+    return TensorSpec(node.name, shape, datatype_from_onnx(node.type))
 
 
 class OnnxModel:

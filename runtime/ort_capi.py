@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from nonn.artifacts import ArtifactError
-from nonn.runtime.codec import RawTensor, TensorSpec, itemsize
+from nonn.runtime.codec import RawTensor
+from nonn.runtime.datatypes import DATATYPES, TensorError, TensorSpec, datatype_from_element, itemsize
 
 __all__ = ["ModelIntegrityError", "OrtError", "OrtLibraryError", "CApiModel", "read_verified", "library_path"]
 
@@ -36,23 +37,6 @@ _ORT_SEQUENTIAL = 0
 _ORT_ENABLE_ALL = 99
 _ORT_ARENA_ALLOCATOR = 1
 _ORT_MEM_TYPE_DEFAULT = 0
-
-# ONNXTensorElementDataType -> Open Inference Protocol datatype (string tensors are not served).
-_ELEMENT_TYPES = {
-    1: "FP32",
-    2: "UINT8",
-    3: "INT8",
-    4: "UINT16",
-    5: "INT16",
-    6: "INT32",
-    7: "INT64",
-    9: "BOOL",
-    10: "FP16",
-    11: "FP64",
-    12: "UINT32",
-    13: "UINT64",
-}
-_ELEMENT_TYPE_OF = {datatype: code for code, datatype in _ELEMENT_TYPES.items()}
 
 _Status = c_void_p
 _Out = POINTER(c_void_p)
@@ -205,9 +189,10 @@ class _Api:
         self.call("GetDimensionsCount", info, ctypes.byref(rank))
         dims = (c_int64 * rank.value)()
         self.call("GetDimensions", info, dims, rank.value)
-        datatype = _ELEMENT_TYPES.get(element.value)
-        if datatype is None:
-            raise ArtifactError(f"ONNX element type {element.value} is not supported by the device server")
+        try:
+            datatype = datatype_from_element(element.value)
+        except TensorError as exc:
+            raise ArtifactError(str(exc)) from None
         return datatype, tuple(d if d >= 0 else -1 for d in dims)
 
 
@@ -285,7 +270,7 @@ class CApiModel:
                 datatype, shape = api.tensor_info(tensor_info)
             finally:
                 api.ReleaseTypeInfo(type_info)
-            specs.append(TensorSpec(name, datatype, shape))
+            specs.append(TensorSpec(name, shape, datatype))
         return specs
 
     def run_tensors(self, feeds: Mapping[str, RawTensor], outputs: Sequence[str] | None = None) -> dict[str, RawTensor]:
@@ -309,7 +294,7 @@ class CApiModel:
                 created = c_void_p()
                 status = api.CreateTensorWithDataAsOrtValue(
                     api.cpu_memory, tensor.data, len(tensor.data), (c_int64 * rank)(*tensor.shape), rank,
-                    _ELEMENT_TYPE_OF[tensor.datatype], ctypes.byref(created),
+                    DATATYPES[tensor.datatype].onnx_element, ctypes.byref(created),
                 )
                 api.check("CreateTensorWithDataAsOrtValue", status)
                 values[slot] = created

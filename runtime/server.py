@@ -1,74 +1,64 @@
 """The device server: one model (a student, or the whole ensemble) on the Open Inference Protocol.
 
-It implements `inference.GRPCInferenceService` (KServe v2) with the generated stubs shipped by
-tritonclient, plus the standard `grpc.health.v1` service, so stock clients (tritonclient,
-grpc_health_probe) and the aggregator talk to it without anything nonn-specific on the wire.
+`DeviceServer` runs `inference.GRPCInferenceService` (KServe v2, `nonn.runtime.servicer`) with
+the generated stubs shipped by tritonclient, plus the standard `grpc.health.v1` service, so stock
+clients (tritonclient, grpc_health_probe) and the aggregator talk to it without anything
+nonn-specific on the wire. This module is the server's life cycle: bind, health SERVING only
+after the model is loaded and the port is bound, and on SIGTERM stop accepting new calls, let
+in-flight ones finish, then exit. Handlers run on a thread pool (ONNX Runtime releases the GIL
+while it computes), which costs less per call than an asyncio server.
 
-Every ModelInfer request is validated (model name, input names, datatypes, ranks, shapes, byte
-lengths, batch limit) before it reaches the model; a bad request gets NOT_FOUND or
-INVALID_ARGUMENT with a message naming the problem, and the server keeps serving. Health turns
-SERVING only after the model is loaded and the port is bound; SIGTERM stops accepting new calls,
-lets in-flight ones finish, then exits. Handlers run on a thread pool (ONNX Runtime releases the
-GIL while it computes), which costs less per call than an asyncio server.
+Where the rest lives: the service and its request validation in `servicer`, the models it can
+host in `backends`, loading a bundle's student in `model_loading`, refusing undecodable bytes
+in `decode_guard`.
 """
 
 from __future__ import annotations
 
-import abc
 import logging
 import os
 import signal
 import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from nonn import __version__
-from nonn.artifacts import ArtifactError, atomic_write_json
-from nonn.runtime.codec import (
-    RawTensor,
-    TensorError,
-    TensorSpec,
-    bytes_per_item,
-    decode_request_inputs,
-    make_parameter,
-    output_tensor,
-    requested_outputs,
-)
+from nonn.artifacts import atomic_write_json
+from nonn.runtime.backends import DEFAULT_MAX_BATCH, BackendUnavailable, InferOutput, ModelBackend, OnnxBackend
+from nonn.runtime.codec import bytes_per_item
+from nonn.runtime.decode_guard import DecodeGuard
 from nonn.runtime.memory import release_free_memory, tune_malloc
-from nonn.runtime.ort_capi import CApiModel, OrtLibraryError
-from nonn.runtime.protocol import model_config_pb2, pb, service_pb2_grpc
+from nonn.runtime.model_loading import load_model, student_backend
+from nonn.runtime.protocol import service_pb2_grpc
+from nonn.runtime.servicer import DEFAULT_MAX_STREAMS, SERVICE_NAME, InferenceServicer, RequestError
 from nonn.runtime.tls import ServerTLS
 
 __all__ = [
-    "DEFAULT_MAX_BATCH",
     "DEFAULT_QUEUED_CALLS",
+    "DeviceServer",
+    "message_limit",
+    "serve",
+    "serve_backends",
+    # Defined elsewhere, importable from here as before:
+    "DEFAULT_MAX_BATCH",
     "DEFAULT_MAX_STREAMS",
-    "RequestError",
-    "DecodeGuard",
     "SERVICE_NAME",
     "BackendUnavailable",
     "InferOutput",
     "ModelBackend",
     "OnnxBackend",
     "InferenceServicer",
-    "DeviceServer",
-    "message_limit",
-    "serve",
-    "serve_backends",
-    "student_backend",
+    "RequestError",
+    "DecodeGuard",
     "load_model",
+    "student_backend",
 ]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "inference.GRPCInferenceService"
-DEFAULT_MAX_BATCH = 64
 # Headroom for headers, names and shapes on top of the tensor bytes in one message.
 _MESSAGE_SLACK = 1 << 20
 # Used when a model has dynamic non-batch dimensions, so no exact bound can be derived.
@@ -78,86 +68,6 @@ _SPARE_HANDLERS = 4
 # Calls a server holds beyond its handler threads (waiting for one) before it refuses new ones
 # with RESOURCE_EXHAUSTED: each waiting call keeps its whole request in memory.
 DEFAULT_QUEUED_CALLS = 64
-# Open ModelStreamInfer streams a server accepts at once; each holds a handler thread.
-DEFAULT_MAX_STREAMS = 8
-
-
-class RequestError(Exception):
-    """A request the server refuses: the gRPC status and a message naming the problem."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend cannot answer now (e.g. the ensemble lost a device in strict mode): UNAVAILABLE."""
-
-
-@dataclass
-class InferOutput:
-    """What a backend returns: outputs by name (RawTensors or numpy arrays), plus response parameters."""
-
-    arrays: dict[str, Any]
-    parameters: dict[str, Any] = field(default_factory=dict)
-
-
-class ModelBackend(abc.ABC):
-    """One model the server hosts: its protocol description and a thread-safe infer().
-
-    `concurrency` is how many requests the backend runs at once; the server sizes its handler
-    thread pool from it. Inputs arrive as validated RawTensors (bytes as the wire carried
-    them); `nonn.runtime.arrays.to_array` views one as a numpy array.
-    """
-
-    name: str
-    version: str = "1"
-    platform: str = "onnxruntime_onnx"
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    max_batch: int = DEFAULT_MAX_BATCH
-    concurrency: int = 1
-
-    @abc.abstractmethod
-    def infer(self, inputs: dict[str, RawTensor], outputs: list[str]) -> InferOutput:
-        """Run the model on validated inputs; return the requested outputs. Called from handler threads."""
-
-    def close(self) -> None:
-        """Release resources (called once after the server stopped)."""
-
-
-class TensorModel(Protocol):
-    """What OnnxBackend serves: CApiModel (what `nonn serve` uses) or OnnxModel."""
-
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-
-    def run_tensors(self, feeds: Mapping[str, RawTensor], outputs: Sequence[str] | None = None) -> dict[str, RawTensor]: ...
-
-
-class OnnxBackend(ModelBackend):
-    """An ONNX model served under `name`; at most `workers` requests run in ONNX Runtime at once."""
-
-    def __init__(self, model: TensorModel, name: str, max_batch: int = DEFAULT_MAX_BATCH, workers: int = 1) -> None:
-        if not name:
-            raise ValueError("a served model needs a non-empty name")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
-        self.model = model
-        self.name = name
-        self.inputs = list(model.inputs)
-        self.outputs = list(model.outputs)
-        self.max_batch = max_batch
-        self.concurrency = workers
-        # One worker (a small device's default): a plain lock, cheaper per request than a semaphore.
-        self._slots = threading.Lock() if workers == 1 else threading.BoundedSemaphore(workers)
-
-    def infer(self, inputs: dict[str, RawTensor], outputs: list[str]) -> InferOutput:
-        with self._slots:
-            return InferOutput(self.model.run_tensors(inputs, outputs))
 
 
 def message_limit(backends: Sequence[ModelBackend]) -> int:
@@ -171,310 +81,6 @@ def message_limit(backends: Sequence[ModelBackend]) -> int:
             total = sum(size * (backend.max_batch if spec.batched else 1) for size, spec in zip(per_item, specs))
             largest = max(largest, total)
     return largest + _MESSAGE_SLACK
-
-
-def _config_dims(spec: TensorSpec) -> list[int]:
-    return list(spec.shape[1:] if spec.batched else spec.shape)
-
-
-class _StreamState:
-    """Whether an open stream is handling a request (set by its handler thread, read on shutdown)."""
-
-    __slots__ = ("busy",)
-
-    def __init__(self) -> None:
-        self.busy = False
-
-
-def _not_supported(method: str):
-    """A handler that answers UNIMPLEMENTED with a message.
-
-    The generated servicer's default raises NotImplementedError, which gRPC logs with a full
-    traceback for every call: any peer could flood a device's log with them.
-    """
-
-    def handler(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not supported by this server")
-
-    handler.__name__ = method
-    return handler
-
-
-class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """`inference.GRPCInferenceService` over a set of ModelBackends (usually exactly one)."""
-
-    def __init__(self, backends: Sequence[ModelBackend], server_name: str = "nonn", max_streams: int = DEFAULT_MAX_STREAMS) -> None:
-        self.backends = {backend.name: backend for backend in backends}
-        if len(self.backends) != len(backends):
-            raise ValueError(f"model names repeat: {[b.name for b in backends]}")
-        if max_streams < 0:
-            raise ValueError(f"max_streams must be 0 or more, got {max_streams}")
-        self.server_name = server_name
-        self.ready = False
-        self.stopping = False
-        self.max_streams = max_streams
-        self._stream_slots = threading.BoundedSemaphore(max_streams)
-        self._open_streams: dict[Any, _StreamState] = {}
-
-    # -- lookup -----------------------------------------------------------------------------
-    def _find(self, name: str, version: str) -> ModelBackend | None:
-        backend = self.backends.get(name)
-        if backend is None or (version and version != backend.version):
-            return None
-        return backend
-
-    def _require(self, name: str, version: str) -> ModelBackend:
-        """The backend serving `name` (and `version`, if given); RequestError NOT_FOUND otherwise."""
-        backend = self._find(name, version)
-        if backend is None:
-            known = ", ".join(sorted(self.backends)) or "none"
-            what = f"model {name!r}" + (f" version {version!r}" if version else "")
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown {what}; this server hosts: {known}")
-        return backend
-
-    def _get(self, name: str, version: str, context: grpc.ServicerContext) -> ModelBackend:
-        try:
-            return self._require(name, version)
-        except RequestError as exc:
-            context.abort(exc.code, exc.message)
-
-    # -- health and metadata ----------------------------------------------------------------
-    def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
-
-    def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.ready)
-
-    def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.ready and self._find(request.name, request.version) is not None)
-
-    def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=self.server_name, version=__version__, extensions=[])
-
-    def ModelMetadata(self, request, context):
-        backend = self._get(request.name, request.version, context)
-        return pb.ModelMetadataResponse(
-            name=backend.name,
-            versions=[backend.version],
-            platform=backend.platform,
-            inputs=[spec.metadata() for spec in backend.inputs],
-            outputs=[spec.metadata() for spec in backend.outputs],
-        )
-
-    def ModelConfig(self, request, context):
-        """A minimal Triton-style model configuration (batch dimension left out of dims)."""
-        backend = self._get(request.name, request.version, context)
-        batched = all(spec.batched for spec in backend.inputs + backend.outputs)
-
-        def tensors(kind, specs):
-            return [
-                kind(
-                    name=s.name,
-                    data_type=model_config_pb2.DataType.Value("TYPE_" + s.datatype),
-                    dims=_config_dims(s) if batched else list(s.shape),
-                )
-                for s in specs
-            ]
-
-        config = model_config_pb2.ModelConfig(
-            name=backend.name,
-            platform=backend.platform,
-            max_batch_size=backend.max_batch if batched else 0,
-            input=tensors(model_config_pb2.ModelInput, backend.inputs),
-            output=tensors(model_config_pb2.ModelOutput, backend.outputs),
-        )
-        return pb.ModelConfigResponse(config=config)
-
-    # -- inference --------------------------------------------------------------------------
-    def infer_request(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """Validate one ModelInferRequest, run its model and build the reply (RequestError if refused).
-
-        The one inference path: ModelInfer turns a RequestError into the call's status,
-        ModelStreamInfer into the stream reply's error_message.
-        """
-        backend = self._require(request.model_name, request.model_version)
-        if not self.ready:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model {backend.name!r} is not ready")
-        try:
-            for key in request.parameters:
-                if key.startswith("shared_memory"):
-                    raise TensorError(f"request parameter {key!r}: shared memory is not supported by this server")
-            for tensor in request.inputs:
-                if any(key.startswith("shared_memory") for key in tensor.parameters):
-                    raise TensorError(f"input {tensor.name!r}: shared memory is not supported by this server")
-            inputs = decode_request_inputs(backend.inputs, request, backend.max_batch)
-            wanted = requested_outputs(backend.outputs, request)
-        except TensorError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        try:
-            result = backend.infer(inputs, [spec.name for spec in wanted])
-        except BackendUnavailable as exc:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-        except Exception as exc:  # the model failed on validated input: report, keep serving
-            log.exception("model %s failed", backend.name)
-            raise RequestError(grpc.StatusCode.INTERNAL, f"model {backend.name!r} failed: {exc}") from None
-        response = pb.ModelInferResponse(model_name=backend.name, model_version=backend.version, id=request.id)
-        for spec in wanted:
-            header, raw = output_tensor(spec.name, result.arrays[spec.name])
-            response.outputs.append(header)
-            response.raw_output_contents.append(raw)
-        for key, value in result.parameters.items():
-            response.parameters[key].CopyFrom(make_parameter(value))
-        return response
-
-    def ModelInfer(self, request, context):
-        try:
-            return self.infer_request(request)
-        except RequestError as exc:
-            context.abort(exc.code, exc.message)
-
-    def ModelStreamInfer(self, request_iterator, context):
-        """Triton's streaming extension: one reply per request on a long-lived stream.
-
-        It saves the per-call cost of a unary RPC, which dominates a small model's latency. A
-        refused request gets a reply with `error_message` (and the request's id) and the stream
-        goes on; UNAVAILABLE ends the stream, so the client reconnects or goes elsewhere. At
-        most `max_streams` streams are open at once (each holds a handler thread); beyond that
-        a stream is refused with RESOURCE_EXHAUSTED and the client can use ModelInfer.
-        """
-        if not self._stream_slots.acquire(blocking=False):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this server already has {self.max_streams} open streams; use ModelInfer",
-            )
-        state = _StreamState()
-        self._open_streams[context] = state
-        try:
-            if self.stopping:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-            for request in request_iterator:
-                state.busy = True
-                if isinstance(request, _UndecodableRequest):
-                    yield pb.ModelStreamInferResponse(error_message=request.message())
-                else:
-                    try:
-                        yield pb.ModelStreamInferResponse(infer_response=self.infer_request(request))
-                    except RequestError as exc:
-                        if exc.code == grpc.StatusCode.UNAVAILABLE:
-                            context.abort(exc.code, exc.message)
-                        yield pb.ModelStreamInferResponse(
-                            error_message=f"{exc.code.name}: {exc.message}",
-                            infer_response=pb.ModelInferResponse(
-                                model_name=request.model_name, model_version=request.model_version, id=request.id
-                            ),
-                        )
-                if self.stopping:
-                    return
-                state.busy = False
-        finally:
-            self._open_streams.pop(context, None)
-            self._stream_slots.release()
-
-    ModelStreamInfer.handles_undecodable = True  # type: ignore[attr-defined]
-
-    def end_idle_streams(self) -> None:
-        """On shutdown: cancel streams waiting for their next request (busy ones end after their reply)."""
-        self.stopping = True
-        for context, state in list(self._open_streams.items()):
-            if not state.busy:
-                context.cancel()
-
-    # -- optional parts of the protocol this server does not offer ----------------------------
-    ModelStatistics = _not_supported("ModelStatistics")
-    RepositoryIndex = _not_supported("RepositoryIndex")
-    RepositoryModelLoad = _not_supported("RepositoryModelLoad")
-    RepositoryModelUnload = _not_supported("RepositoryModelUnload")
-    SystemSharedMemoryStatus = _not_supported("SystemSharedMemoryStatus")
-    SystemSharedMemoryRegister = _not_supported("SystemSharedMemoryRegister")
-    SystemSharedMemoryUnregister = _not_supported("SystemSharedMemoryUnregister")
-    CudaSharedMemoryStatus = _not_supported("CudaSharedMemoryStatus")
-    CudaSharedMemoryRegister = _not_supported("CudaSharedMemoryRegister")
-    CudaSharedMemoryUnregister = _not_supported("CudaSharedMemoryUnregister")
-    TraceSetting = _not_supported("TraceSetting")
-    LogSettings = _not_supported("LogSettings")
-
-
-class _UndecodableRequest:
-    """Stands in for request bytes that do not parse as the RPC's message."""
-
-    def __init__(self, message_type: str, error: Exception) -> None:
-        self.message_type = message_type
-        self.error = error
-
-    def message(self) -> str:
-        return f"the request bytes are not a valid {self.message_type} message ({self.error})"
-
-
-class DecodeGuard(grpc.ServerInterceptor):
-    """Answer request bytes that do not parse with INVALID_ARGUMENT from inside the handler.
-
-    Left to itself, grpcio answers such a request with INTERNAL and (1.85) keeps about 19 KB of
-    server memory for every one: a peer sending garbage could grow a device until it runs out
-    of memory. With this guard decoding never fails inside gRPC; the handler aborts instead,
-    which releases the call like any other refused request.
-    """
-
-    def __init__(self) -> None:
-        # The guarded handler of each method is built once, not on every call.
-        self._guarded: dict[str, Any] = {}
-
-    def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        cached = self._guarded.get(method)
-        if cached is not None:
-            return cached
-        handler = self._guard(continuation(handler_call_details))
-        if handler is not None:
-            self._guarded[method] = handler
-        return handler
-
-    @staticmethod
-    def _guard(handler):
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        deserialize = handler.request_deserializer
-        message_type = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
-        message_name = message_type.full_name if message_type is not None else "request"
-
-        def safe_deserialize(data: bytes) -> Any:
-            try:
-                return deserialize(data)
-            except Exception as exc:  # any decoding failure becomes a refused request
-                return _UndecodableRequest(message_name, exc)
-
-        def guarded(behavior):
-            def call(request, context):
-                if isinstance(request, _UndecodableRequest):
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
-                return behavior(request, context)
-
-            return call
-
-        def guarded_stream(behavior):
-            # A streaming handler marked `handles_undecodable` answers bad messages in-stream.
-            if getattr(behavior, "handles_undecodable", False):
-                return behavior
-
-            def call(request_iterator, context):
-                def checked():
-                    for request in request_iterator:
-                        if isinstance(request, _UndecodableRequest):
-                            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
-                        yield request
-
-                return behavior(checked(), context)
-
-            return call
-
-        if handler.unary_unary is not None:
-            return handler._replace(request_deserializer=safe_deserialize, unary_unary=guarded(handler.unary_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(request_deserializer=safe_deserialize, unary_stream=guarded(handler.unary_stream))
-        if handler.stream_unary is not None:
-            return handler._replace(request_deserializer=safe_deserialize, stream_unary=guarded_stream(handler.stream_unary))
-        if handler.stream_stream is not None:
-            return handler._replace(request_deserializer=safe_deserialize, stream_stream=guarded_stream(handler.stream_stream))
-        return handler
 
 
 class DeviceServer:
@@ -685,58 +291,6 @@ def serve_backends(
             server.stop()
             if ready is not None:
                 ready.unlink(missing_ok=True)
-
-
-def load_model(path: str | os.PathLike[str], *, threads: int = 1, expected_sha256: str | None = None) -> TensorModel:
-    """A model to serve: through ONNX Runtime's C library (no numpy), else its Python binding.
-
-    The fallback (with a warning) is for an onnxruntime build without the C library; a library
-    named in NONN_ORT_LIBRARY that does not load is an error instead.
-    """
-    try:
-        return CApiModel(path, threads=threads, expected_sha256=expected_sha256)
-    except OrtLibraryError as exc:
-        if os.environ.get("NONN_ORT_LIBRARY"):
-            raise
-        log.warning("%s; serving through ONNX Runtime's Python binding instead (more memory: it loads numpy)", exc)
-    from nonn.runtime.onnx_model import OnnxModel
-
-    return OnnxModel(path, threads=threads, expected_sha256=expected_sha256)
-
-
-def student_backend(
-    bundle: Any,
-    student: str | int,
-    *,
-    threads: int = 1,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    workers: int = 1,
-) -> OnnxBackend:
-    """Load one student of a bundle (a Bundle or its directory) for serving.
-
-    The model's sha256 must match the manifest (ModelIntegrityError otherwise) and its input and
-    output must be the ones the manifest declares (ArtifactError otherwise).
-    """
-    from nonn.runtime.bundle import Bundle
-
-    if not isinstance(bundle, Bundle):
-        bundle = Bundle.load(bundle)
-    try:
-        entry = bundle.student(student)
-    except KeyError as exc:
-        raise ValueError(exc.args[0]) from None
-    path = bundle.path_of(entry)
-    model = load_model(path, threads=threads, expected_sha256=entry.sha256)
-    declared = (
-        [TensorSpec(entry.input.name, entry.input.datatype, tuple(entry.input.shape))],
-        [TensorSpec(entry.output.name, entry.output.datatype, tuple(entry.output.shape))],
-    )
-    if (model.inputs, model.outputs) != declared:
-        raise ArtifactError(
-            f"{path}: the model's inputs/outputs {[s.to_dict() for s in model.inputs + model.outputs]} "
-            f"differ from the manifest's {[s.to_dict() for s in declared[0] + declared[1]]}"
-        )
-    return OnnxBackend(model, entry.name, max_batch=max_batch, workers=workers)
 
 
 def serve(

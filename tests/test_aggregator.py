@@ -18,26 +18,17 @@ import numpy as np
 import pytest
 
 from nonn.cli import main
-from nonn.runtime.aggregator import AggregationError, Aggregator, AggregatorBackend, preprocess_images
+from nonn.runtime.aggregator import AggregationError, Aggregator
+from nonn.runtime.ensemble_backend import AggregatorBackend
+from nonn.runtime.preprocessing import preprocess_images
 from nonn.runtime.onnx_model import OnnxModel
 from nonn.runtime.server import DeviceServer, InferenceServicer, InferOutput, ModelBackend, OnnxBackend, RequestError, student_backend
 
-from runtime_testing import device_servers, free_port, make_bundle, random_images, reference_logits, started, tiny_student
+from runtime_testing import free_port, random_images, reference_logits, started, tiny_student
 
 pytestmark = pytest.mark.timeout(90)
 
 SHAPE = (1, 4, 4)
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "b", feature_sizes=(3, 2, 4, 3), input_shape=SHAPE)
-
-
-@pytest.fixture(scope="module")
-def devices(bundle):
-    with device_servers(bundle) as servers:
-        yield servers
 
 
 def batch(n: int, seed: int = 0) -> np.ndarray:
@@ -89,10 +80,10 @@ def test_down_device_degrades_or_fails_in_strict_mode(bundle, devices):
 class SlowBackend(ModelBackend):
     def __init__(self, name: str, features: int, delay_s: float) -> None:
         self.name, self.delay_s = name, delay_s
-        from nonn.runtime.codec import TensorSpec
+        from nonn.runtime.datatypes import TensorSpec
 
-        self.inputs = [TensorSpec("input", "FP32", (-1, *SHAPE))]
-        self.outputs = [TensorSpec("features", "FP32", (-1, features))]
+        self.inputs = [TensorSpec("input", (-1, *SHAPE))]
+        self.outputs = [TensorSpec("features", (-1, features))]
 
     def infer(self, inputs, outputs):
         time.sleep(self.delay_s)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nonn.runtime.arrays import DATATYPES, from_array, to_array
-from nonn.runtime.codec import DATATYPE_SIZES, RawTensor, TensorError, TensorSpec, as_raw_tensor, decode_input, output_tensor
-from nonn.runtime.protocol import pb
+from nonn.runtime.arrays import from_array, numpy_dtype, to_array
+from nonn.runtime.codec import RawTensor, TensorError, TensorSpec, as_raw_tensor, decode_input, output_tensor
+from nonn.runtime.datatypes import DATATYPES
+from nonn.runtime.protocol import model_config_pb2, pb
 
 TYPED = {
     "BOOL": ("bool_contents", [True, False, True, True]),
@@ -30,27 +31,34 @@ def typed_request_tensor(datatype: str, field: str, values: list) -> pb.ModelInf
     return tensor
 
 
-def test_numpy_dtypes_agree_with_the_wire_sizes():
-    assert DATATYPES.keys() == DATATYPE_SIZES.keys()
-    assert {name: dtype.itemsize for name, dtype in DATATYPES.items()} == DATATYPE_SIZES
+def test_the_datatype_table_agrees_with_numpy_onnx_and_the_protocol():
+    import onnx
+
+    contents_fields = pb.InferTensorContents.DESCRIPTOR.fields_by_name
+    for t in DATATYPES.values():
+        assert np.dtype(t.numpy).itemsize == t.size
+        assert onnx.helper.tensor_dtype_to_np_dtype(t.onnx_element) == np.dtype(t.numpy), t
+        assert t.onnx_type == f"tensor({onnx.TensorProto.DataType.Name(t.onnx_element).lower()})", t
+        assert model_config_pb2.DataType.Value("TYPE_" + t.name) > 0  # Triton's configs know the name
+        assert t.contents_field is None or t.contents_field in contents_fields, t
 
 
 @pytest.mark.parametrize("datatype", sorted(TYPED))
 def test_typed_contents_pack_like_numpy(datatype):
     field, values = TYPED[datatype]
-    spec = TensorSpec("x", datatype, (-1, 2))
+    spec = TensorSpec("x", (-1, 2), datatype)
     got = decode_input(spec, typed_request_tensor(datatype, field, values), None)
     assert (got.datatype, got.shape) == (datatype, (2, 2))
-    expected = np.asarray(values, dtype=DATATYPES[datatype]).reshape(2, 2)
+    expected = np.asarray(values, dtype=numpy_dtype(datatype)).reshape(2, 2)
     assert got.data == expected.tobytes()
     np.testing.assert_array_equal(to_array(got), expected)
 
 
 def test_typed_values_out_of_range_or_without_a_field_are_refused():
     with pytest.raises(TensorError, match="a value in int_contents does not fit INT8"):
-        decode_input(TensorSpec("x", "INT8", (-1, 2)), typed_request_tensor("INT8", "int_contents", [1, 2, 3, 300]), None)
+        decode_input(TensorSpec("x", (-1, 2), "INT8"), typed_request_tensor("INT8", "int_contents", [1, 2, 3, 300]), None)
     with pytest.raises(TensorError, match="datatype FP16 must be sent in raw contents"):
-        decode_input(TensorSpec("x", "FP16", (-1, 2)), pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP16", shape=[2, 2]), None)
+        decode_input(TensorSpec("x", (-1, 2), "FP16"), pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP16", shape=[2, 2]), None)
 
 
 def test_arrays_and_raw_tensors_round_trip():

@@ -23,27 +23,17 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from nonn.runtime.aggregator import Aggregator
-from nonn.runtime.codec import TensorSpec
+from nonn.runtime.datatypes import TensorSpec
 from nonn.runtime.server import DEFAULT_MAX_STREAMS, DEFAULT_QUEUED_CALLS, DeviceServer, InferenceServicer, InferOutput, ModelBackend, RequestError, student_backend
 
-from runtime_testing import device_servers, free_port, make_bundle, random_images, reference_logits, started
+from runtime_testing import free_port, random_images, reference_logits, started
 
 pytestmark = pytest.mark.timeout(90)
 
 SHAPE = (1, 4, 4)
+FEATURE_SIZES = (3, 2, 4)
 # A client that notices a restarted server quickly (gRPC's default first backoff is 1 s).
 FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "b", feature_sizes=(3, 2, 4), input_shape=SHAPE)
-
-
-@pytest.fixture(scope="module")
-def devices(bundle):
-    with device_servers(bundle) as servers:
-        yield servers
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
@@ -302,8 +292,8 @@ class SleepyBackend(ModelBackend):
 
     def __init__(self, delay_s: float) -> None:
         self.name = "student_0"
-        self.inputs = [TensorSpec("input", "FP32", (-1, *SHAPE))]
-        self.outputs = [TensorSpec("features", "FP32", (-1, 3))]
+        self.inputs = [TensorSpec("input", (-1, *SHAPE))]
+        self.outputs = [TensorSpec("features", (-1, 3))]
         self.delay_s = delay_s
         self.concurrency = 2
 

@@ -1,35 +1,20 @@
 """Fuzzing the device server: seeded malformed requests, each answered with a proper status.
 
-The generator and runner live in benchmarks/fuzz_server.py (which sends 10,000 requests by
-default); here a smaller seeded run (2,000) keeps the suite fast.
+The generator and runner are tests/fuzz_testing.py (benchmarks/fuzz_server.py sends 10,000
+requests with them by default); here a smaller seeded run (2,000) keeps the suite fast.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
+import fuzz_testing as fuzz
 import grpc
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
 pytestmark = pytest.mark.timeout(120)
-
-_BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "fuzz_server.py"
-
-
-def _load_fuzz_module():
-    spec = importlib.util.spec_from_file_location("nonn_fuzz_server", _BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz_module()
 
 
 def test_generator_is_deterministic_and_covers_every_kind():

@@ -106,15 +106,15 @@ def test_the_library_can_be_named_and_a_bad_one_is_refused(tmp_path, monkeypatch
 
 
 def test_without_the_c_library_a_device_serves_through_the_python_binding(tmp_path, monkeypatch, caplog):
-    from nonn.runtime import server
+    from nonn.runtime import model_loading
 
     def missing(*args, **kwargs):
         raise OrtLibraryError("no libonnxruntime.so in /site-packages/onnxruntime/capi")
 
-    monkeypatch.setattr(server, "CApiModel", missing)
+    monkeypatch.setattr(model_loading, "CApiModel", missing)
     monkeypatch.delenv("NONN_ORT_LIBRARY", raising=False)
     path = tiny_student(tmp_path / "s.onnx", 4)
-    model = server.load_model(path)
+    model = model_loading.load_model(path)
     assert isinstance(model, OnnxModel)
     assert "serving through ONNX Runtime's Python binding instead" in caplog.text
     x = RawTensor("FP32", (1, 1, 4, 4), np.ones(16, np.float32).tobytes())
@@ -122,7 +122,7 @@ def test_without_the_c_library_a_device_serves_through_the_python_binding(tmp_pa
     # A library the user named is not second-guessed.
     monkeypatch.setenv("NONN_ORT_LIBRARY", "/opt/ort/libonnxruntime.so")
     with pytest.raises(OrtLibraryError, match="no libonnxruntime.so"):
-        server.load_model(path)
+        model_loading.load_model(path)
 
 
 def test_device_server_runs_without_numpy_or_the_python_binding(tmp_path):

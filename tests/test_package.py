@@ -105,10 +105,10 @@ def test_cli_defaults_match_the_runtime():
     """The CLI builds its parser without importing grpc, so it repeats these: keep them equal."""
     from nonn.cli import common
     from nonn.cli import runtime as cli_runtime
-    from nonn.runtime import aggregator, server
+    from nonn.runtime import device_client, servicer
 
-    assert cli_runtime.DEFAULT_MAX_STREAMS == server.DEFAULT_MAX_STREAMS
-    assert common.TRANSPORTS == aggregator.TRANSPORTS
+    assert cli_runtime.DEFAULT_MAX_STREAMS == servicer.DEFAULT_MAX_STREAMS
+    assert common.TRANSPORTS == device_client.TRANSPORTS
 
 
 def test_a_failing_tritonclient_client_raises_its_own_error_every_time():
@@ -126,3 +126,6 @@ def test_a_failing_tritonclient_client_raises_its_own_error_every_time():
         "        print(type(exc).__name__, exc)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and len(lines) == 3, out.stderr
+    assert len(set(lines)) == 1 and "AttributeError" not in lines[0], lines

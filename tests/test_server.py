@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from nonn.cli import main
-from nonn.runtime.codec import TensorSpec
+from nonn.runtime.datatypes import TensorSpec
 from nonn.runtime.onnx_model import ModelIntegrityError, OnnxModel
 from nonn.runtime.server import DeviceServer, InferOutput, ModelBackend, OnnxBackend
 
@@ -280,8 +280,8 @@ class SlowBackend(ModelBackend):
 
     def __init__(self, delay_s: float) -> None:
         self.name = "slow"
-        self.inputs = [TensorSpec("input", "FP32", (-1, *SHAPE))]
-        self.outputs = [TensorSpec("features", "FP32", (-1, FEATURES))]
+        self.inputs = [TensorSpec("input", (-1, *SHAPE))]
+        self.outputs = [TensorSpec("features", (-1, FEATURES))]
         self.delay_s = delay_s
 
     def infer(self, inputs, outputs):

@@ -103,14 +103,17 @@ def _client_tls(args: argparse.Namespace, prefix: str):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from nonn.runtime.server import OnnxBackend, load_model, serve_backends, student_backend
+    from nonn.runtime.backends import OnnxBackend
+    from nonn.runtime.model_loading import load_model, student_backend
+    from nonn.runtime.server import serve_backends
     from nonn.runtime.tls import ServerTLS
 
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port must be in 0..65535, got {args.port}")
     tls = ServerTLS.from_args(args.tls_cert, args.tls_key, args.tls_client_ca)
     if args.aggregate:
-        from nonn.runtime.aggregator import Aggregator, AggregatorBackend
+        from nonn.runtime.aggregator import Aggregator
+        from nonn.runtime.ensemble_backend import AggregatorBackend
 
         if args.bundle is None or args.devices is None:
             raise CLIError("--aggregate needs --bundle and --devices host:port,...")
@@ -175,7 +178,8 @@ def _infer(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from nonn.runtime.aggregator import Aggregator, preprocess_images
+    from nonn.runtime.aggregator import Aggregator
+    from nonn.runtime.preprocessing import preprocess_images
     from nonn.runtime.bundle import Bundle
 
     if args.devices is None:
