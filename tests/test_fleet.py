@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import socket
@@ -14,17 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from nonn.devices.netem import (
-    ClientDelayNetwork,
-    LinkModel,
-    LinkRelay,
-    NamespaceNetwork,
-    NetworkEmulation,
-    _LinkDirection,
-    choose_network,
-    free_port,
-    netns_unavailable_reason,
-)
+from nonn.devices import netns
+from nonn.devices.links import LinkDirection, LinkModel
+from nonn.devices.netem import ClientDelayNetwork, NetworkEmulation, choose_network, free_port
+from nonn.devices.netns import NamespaceNetwork
+from nonn.devices.relay import LinkRelay
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -66,7 +61,7 @@ def test_link_model_from_profile_reads_object_or_dict():
 
 def test_link_direction_queues_chunks_fifo_and_charges_lost_segments():
     link = LinkModel(bandwidth_mbps=8.0, latency_ms=10.0)
-    d = _LinkDirection(link, random.Random(0))
+    d = LinkDirection(link, random.Random(0))
     # Two 1000-byte chunks handed over at t=0: the second waits for the first (1 ms each).
     assert d.schedule(1000, 0.0) == pytest.approx(0.001 + 0.005)
     assert d.schedule(1000, 0.0) == pytest.approx(0.002 + 0.005)
@@ -77,7 +72,7 @@ def test_link_direction_queues_chunks_fifo_and_charges_lost_segments():
         def random(self) -> float:
             return 0.0
 
-    lossy = _LinkDirection(LinkModel(bandwidth_mbps=None, latency_ms=10.0, loss=0.5), AlwaysLose())
+    lossy = LinkDirection(LinkModel(bandwidth_mbps=None, latency_ms=10.0, loss=0.5), AlwaysLose())
     # 3000 bytes = 3 segments, all lost: 3 retransmission timeouts of 210 ms.
     assert lossy.schedule(3000, 0.0) == pytest.approx(0.005 + 3 * 0.210)
     assert lossy.lost_segments == 3
@@ -160,19 +155,23 @@ def test_link_relay_closes_client_when_device_is_down():
         relay.stop()
 
 
-def test_choose_network_modes():
+def test_choose_network_modes(monkeypatch):
     links = [LinkModel(10.0, 2.0), LinkModel(20.0, 4.0)]
+
+    def probe():
+        raise AssertionError("only --network netns may look at (or change) the host's network")
+
+    monkeypatch.setattr(netns, "netns_unavailable_reason", probe)
     assert choose_network("none", links).mode == "none"
     delay = choose_network("delay", links)
     assert isinstance(delay, ClientDelayNetwork) and delay.describe()["model"]
     auto = choose_network("auto", links)
-    why_not = netns_unavailable_reason()
-    if why_not is None:
-        assert isinstance(auto, NamespaceNetwork)
-    else:
-        assert isinstance(auto, ClientDelayNetwork) and why_not in auto.reason
-        with pytest.raises(ValueError, match="netns is not possible"):
-            choose_network("netns", links)
+    assert isinstance(auto, ClientDelayNetwork) and "--network netns" in auto.reason
+    monkeypatch.setattr(netns, "netns_unavailable_reason", lambda: "network namespaces need root")
+    with pytest.raises(ValueError, match="netns is not possible here: network namespaces need root"):
+        choose_network("netns", links)
+    monkeypatch.setattr(netns, "netns_unavailable_reason", lambda: None)
+    assert isinstance(choose_network("netns", links), NamespaceNetwork)
     with pytest.raises(ValueError, match="not one of"):
         choose_network("wifi", links)
     assert isinstance(NetworkEmulation(links).server_port(0), int)
@@ -181,14 +180,12 @@ def test_choose_network_modes():
 # --------------------------------------------------------------------------- local fleet
 
 
-def _namespaces_possible() -> bool:
-    import os
-
+def _require_namespaces() -> None:
+    """Skip unless NONN_TEST_NETNS=1 asks for tests that change this host's network, and they can run."""
+    if os.environ.get("NONN_TEST_NETNS") != "1":
+        pytest.skip("changes the host's network (namespaces, veth links): set NONN_TEST_NETNS=1 to run")
     if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
-        return False
-    probe = subprocess.run(["ip", "netns", "add", "nonnprobe"], capture_output=True)
-    subprocess.run(["ip", "netns", "del", "nonnprobe"], capture_output=True)
-    return probe.returncode == 0
+        pytest.skip("needs root and iproute2")
 
 
 class _TokenBucketNamespaces(NamespaceNetwork):
@@ -198,24 +195,37 @@ class _TokenBucketNamespaces(NamespaceNetwork):
         return ["tbf", "rate", f"{link.bandwidth_mbps:g}mbit", "burst", "32kbit", "latency", "50ms"]
 
 
-@pytest.mark.skipif(not _namespaces_possible(), reason="needs root and iproute2 network namespaces")
+@pytest.mark.slow
 def test_fleet_in_network_namespaces_serves_and_cleans_up(tmp_path):
+    import ipaddress
+    import sys
+
     import numpy as np
 
     from fleet_testing import ensemble_predictions, make_bundle, tiny_images, tiny_profile
     from nonn.devices.fleet import LocalFleet
-    from nonn.runtime.aggregator import Aggregator, preprocess_images
+    from nonn.runtime.aggregator import Aggregator
+    from nonn.runtime.preprocessing import preprocess_images
 
+    _require_namespaces()
+    # What a SIGKILLed owner leaves behind: a namespace and a link named after a dead process.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = int(gone.stdout)
+    subprocess.run(["ip", "netns", "add", f"nonn{dead}d0"], check=True)
+    subprocess.run(["ip", "link", "add", f"nnh{dead}x0", "type", "veth", "peer", "name", f"nnd{dead}x0"], check=True)
     bundle = make_bundle(tmp_path / "bundle", feature_sizes=(2, 2))
     network = _TokenBucketNamespaces([LinkModel(bandwidth_mbps=50.0)] * 2, reason="test")
     x = tiny_images(8)
     with LocalFleet(bundle.root, [tiny_profile()] * 2, network) as fleet:
+        owned = netns.owned_names()
+        assert (f"nonn{dead}d0", dead) not in owned["namespaces"] and (f"nnh{dead}x0", dead) not in owned["links"]
         namespaces = list(network.namespaces)
-        assert len(namespaces) == 2
+        assert len(namespaces) == 2 and all(str(os.getpid()) in ns for ns in namespaces)
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert all(ns in listed for ns in namespaces)
-        # Each server listens on its namespace's address, reached over the veth pair.
+        # Each server listens on its namespace's address in the benchmarking range, over the veth pair.
         assert [e.rsplit(":", 1)[0] for e in fleet.endpoints] == [network.server_host(0), network.server_host(1)]
+        assert all(ipaddress.ip_address(network.server_host(i)) in netns.ADDRESS_RANGE for i in range(2))
         assert all(fleet.is_serving(i) for i in range(2))
         pre = bundle.preprocessing
         with Aggregator(bundle, fleet.endpoints, deadline_s=5.0) as agg:
@@ -226,7 +236,7 @@ def test_fleet_in_network_namespaces_serves_and_cleans_up(tmp_path):
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in listed for ns in namespaces)
     links = subprocess.run(["ip", "link", "show"], capture_output=True, text=True).stdout
-    assert f"nnh{network._tag}x0" not in links
+    assert network.host_link(0) not in links
     import psutil
 
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
@@ -234,7 +244,6 @@ def test_fleet_in_network_namespaces_serves_and_cleans_up(tmp_path):
 
 def test_devices_die_with_a_killed_launcher(tmp_path):
     """Even SIGKILL of the launching process (no atexit, no finally) leaves no device server behind."""
-    import os
     import signal
     import sys
 

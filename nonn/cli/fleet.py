@@ -18,10 +18,12 @@ faults (--kill, repeatable):
   (plus --recovery seconds), so the report shows the outage and the recovery.
 
 network (--network):
-  auto   network namespaces + netem per device link when root, iproute2 and the netem qdisc
-         are available, else the client delay model (the report says which ran and why)
-  netns  namespaces only (error when not possible here)
+  auto   the client delay model (as delay); never changes this host's network
   delay  the client delay model: a relay per device adds latency + bytes/bandwidth (+ loss)
+  netns  a network namespace per device, shaped by the kernel's netem (root, iproute2 and the
+         netem qdisc needed; error when not possible here). Addresses from 198.18.0.0/15,
+         names tagged with this process's id; what a killed run left is removed at the next
+         start
   none   plain loopback
 
 example:
@@ -128,7 +130,7 @@ def run_teacher(teacher: str | None, images: Any, dataset: Any, factory: str | N
     import numpy as np
     import torch
 
-    from nonn.runtime.aggregator import preprocess_images
+    from nonn.runtime.preprocessing import preprocess_images
     from nonn.students.teacher import load_teacher
 
     loaded = load_teacher(teacher, factory=factory, weights=weights)
