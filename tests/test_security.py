@@ -20,21 +20,12 @@ from nonn.runtime.onnx_model import ModelIntegrityError
 from nonn.runtime.server import DeviceServer, student_backend
 from nonn.runtime.tls import ClientTLS, ServerTLS
 
-from runtime_testing import make_bundle, make_certificates, reference_logits, server_live, started, tiny_student
+from runtime_testing import reference_logits, server_live, started, tiny_student
 
 pytestmark = pytest.mark.timeout(90)
 
 SHAPE = (1, 4, 4)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certificates(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture
-def bundle(tmp_path):
-    return make_bundle(tmp_path / "bundle", feature_sizes=(2, 3), input_shape=SHAPE)
+FEATURE_SIZES = (2, 3)
 
 
 def wait_ready_file(proc: subprocess.Popen, ready: Path) -> dict:
@@ -126,7 +117,8 @@ def test_mutual_tls_on_every_link_of_the_served_ensemble(bundle, certs, tmp_path
 # -- integrity of bundles ----------------------------------------------------------------------------
 
 
-def test_a_changed_head_is_refused_by_serve_infer_and_verify(bundle, tmp_path, capsys):
+def test_a_changed_head_is_refused_by_serve_infer_and_verify(fresh_bundle, tmp_path, capsys):
+    bundle = fresh_bundle
     head = bundle.path_of(bundle.head)
     data = bytearray(head.read_bytes())
     data[-1] ^= 0x01
@@ -142,7 +134,8 @@ def test_a_changed_head_is_refused_by_serve_infer_and_verify(bundle, tmp_path, c
     assert "bundle verify: head:" in capsys.readouterr().err
 
 
-def test_a_swapped_student_model_is_refused_by_serve_and_verify(bundle, tmp_path, capsys):
+def test_a_swapped_student_model_is_refused_by_serve_and_verify(fresh_bundle, tmp_path, capsys):
+    bundle = fresh_bundle
     """A valid ONNX model with the same interface, but not the one the manifest names."""
     student = bundle.path_of(bundle.students[1])
     tiny_student(student, 3, SHAPE, seed=99)

@@ -17,10 +17,7 @@ from nonn.devices.simulate import FaultSpec, SimulationConfig, parse_faults, sim
 
 pytestmark = pytest.mark.timeout(120)
 
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("bundle"), feature_sizes=(3, 2, 3))
+FEATURE_SIZES = (3, 2, 3)
 
 
 @pytest.fixture(scope="module")

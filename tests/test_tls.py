@@ -9,19 +9,11 @@ from nonn.runtime.aggregator import AggregationError, Aggregator
 from nonn.runtime.server import DeviceServer, student_backend
 from nonn.runtime.tls import ClientTLS, ServerTLS
 
-from runtime_testing import make_bundle, make_certificates, reference_logits, server_live, started
+from runtime_testing import reference_logits, server_live, started
 
 pytestmark = pytest.mark.timeout(60)
 
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certificates(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "b", feature_sizes=(2, 3))
+FEATURE_SIZES = (2, 3)
 
 
 def test_tls_server_needs_a_tls_client(bundle, certs):
