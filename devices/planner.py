@@ -1,12 +1,15 @@
 """Placement planner: which device runs which student, and what the fleet costs.
 
-`plan(bundle, devices)` assigns the bundle's K students to K of the given devices so that each
+`place(bundle, devices)` assigns the bundle's K students to K of the given devices so that each
 fits the device's memory and the slowest device is as fast as possible (exact min-max
-assignment), then estimates per device the memory, compute time, bytes on the wire and
+assignment); it is the one placement `plan`, `simulate` and `deploy` use. `plan(bundle,
+devices)` places the students that way, then estimates per device the memory, compute time, bytes on the wire and
 energy of one inference, and compares the fleet with
 
 (a) the teacher on one device (the fleet's largest-memory kind), and
 (b) a layer-wise model-parallel split of the teacher over the same devices, MoDNN-style.
+
+The result is a `Plan` (nonn.devices.plan_file), saved as plan.json.
 
 The cost model, all per single image (batch 1):
 
@@ -38,10 +41,11 @@ The cost model, all per single image (batch 1):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from nonn.devices.plan_file import BundleRef, DevicePlan, Estimate, Plan, PlanError, StudentPlacement
 from nonn.devices.profiles import DeviceProfile, load_profiles
 from nonn.runtime.bundle import Bundle, TeacherSummary
 
@@ -51,10 +55,12 @@ __all__ = [
     "DevicePlan",
     "Estimate",
     "Plan",
+    "place",
     "plan",
     "model_memory_mb",
     "infer_wire_bytes",
     "format_plan",
+    "format_device_order",
     "simulation_estimates",
 ]
 
@@ -69,10 +75,6 @@ HPACK_HEADER_BYTES = 20  # an indexed header block on a warm connection (assumpt
 TCP_IP_HEADER_BYTES = 52  # IPv4 20 + TCP 20 + timestamp option 12
 TCP_MSS = 1448
 MB = 1024 * 1024
-
-
-class PlanError(ValueError):
-    """The students cannot be placed on the given devices."""
 
 
 # --------------------------------------------------------------------------- cost model
@@ -126,117 +128,6 @@ def _transfer_s(nbytes: float, profile: DeviceProfile) -> float:
 
 def _compute_s(flops: float, profile: DeviceProfile) -> float:
     return flops / (profile.gflops * 1e9)
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class DevicePlan:
-    """One device of the fleet and the student placed on it (None: unused)."""
-
-    device: str
-    profile: str
-    student: str | None
-    memory_mb: float
-    available_mb: float
-    compute_ms: float
-    request_bytes: int  # image in
-    sent_bytes: int  # feature vector out: what the device sends per inference
-    transfer_ms: float
-    busy_ms: float
-    energy_mj: float
-
-
-@dataclass
-class Estimate:
-    """Whole-system figures of one way to run the model, per inference of one image."""
-
-    name: str
-    devices: int
-    memory_per_device_mb: float  # the largest over devices, runtime included
-    model_memory_per_device_mb: float  # the same without the runtime's own footprint
-    bytes_per_inference: int  # between devices / to the aggregator (not counting the input image)
-    wire_bytes_per_inference: int  # everything, input distribution included
-    latency_ms: float
-    compute_ms: float
-    energy_per_node_mj: float  # the largest over devices
-    fits: bool
-    note: str = ""
-
-
-@dataclass
-class Plan:
-    """A placement and its estimated cost, with the teacher and model-parallel baselines."""
-
-    devices: list[DevicePlan]
-    nonn: Estimate
-    teacher: Estimate | None
-    model_parallel: Estimate | None
-    aggregator: str
-    head_ms: float
-    assumptions: dict[str, Any] = field(default_factory=dict)
-
-    def assignment(self) -> dict[str, str]:
-        """student name -> device name."""
-        return {d.student: d.device for d in self.devices if d.student is not None}
-
-    def ratios(self) -> dict[str, dict[str, float | None]]:
-        """baseline / NoNN for memory per device, bytes, latency and energy per node."""
-
-        def ratio(a: float | None, b: float | None) -> float | None:
-            return None if a is None or not b else a / b
-
-        out: dict[str, dict[str, float | None]] = {}
-        for base in (self.teacher, self.model_parallel):
-            if base is None:
-                continue
-            out[base.name] = {
-                "memory_per_device": ratio(base.memory_per_device_mb, self.nonn.memory_per_device_mb),
-                "model_memory_per_device": ratio(base.model_memory_per_device_mb, self.nonn.model_memory_per_device_mb),
-                "bytes_per_inference": ratio(base.bytes_per_inference, self.nonn.bytes_per_inference),
-                "wire_bytes_per_inference": ratio(base.wire_bytes_per_inference, self.nonn.wire_bytes_per_inference),
-                "latency": ratio(base.latency_ms, self.nonn.latency_ms),
-                "energy_per_node": ratio(base.energy_per_node_mj, self.nonn.energy_per_node_mj),
-            }
-        return out
-
-    def comparison(self) -> list[dict[str, Any]]:
-        """Rows of NoNN vs the teacher (and model-parallel), as reports print them."""
-        rows = []
-        for metric, unit, attr in (
-            ("memory per device", "MB", "memory_per_device_mb"),
-            ("model memory per device", "MB", "model_memory_per_device_mb"),
-            ("latency", "ms", "latency_ms"),
-            ("energy per node", "mJ", "energy_per_node_mj"),
-            ("bytes per inference", "B", "bytes_per_inference"),
-            ("bytes on the wire per inference", "B", "wire_bytes_per_inference"),
-        ):
-            rows.append(
-                {
-                    "metric": metric,
-                    "unit": unit,
-                    "nonn": getattr(self.nonn, attr),
-                    "teacher": getattr(self.teacher, attr) if self.teacher else None,
-                    "model_parallel": getattr(self.model_parallel, attr) if self.model_parallel else None,
-                }
-            )
-        return rows
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": "nonn.plan/1",
-            "devices": [asdict(d) for d in self.devices],
-            "assignment": self.assignment(),
-            "nonn": asdict(self.nonn),
-            "teacher": asdict(self.teacher) if self.teacher else None,
-            "model_parallel": asdict(self.model_parallel) if self.model_parallel else None,
-            "ratios": self.ratios(),
-            "comparison": self.comparison(),
-            "aggregator": self.aggregator,
-            "head_ms": self.head_ms,
-            "assumptions": self.assumptions,
-        }
 
 
 # --------------------------------------------------------------------------- assignment
@@ -435,14 +326,72 @@ def _as_profile(p: Any) -> DeviceProfile:
     raise TypeError(f"expected a DeviceProfile, a profile dict or a profile name, got {type(p).__name__}")
 
 
+@dataclass
+class _StudentCosts:
+    """Per student (and per student x device) figures the placement and the estimates share."""
+
+    memory: list[float]  # MB on any device
+    request: list[int]  # wire bytes of the image sent to it
+    response: list[int]  # wire bytes of its features sent back
+    compute: list[list[float]]  # seconds, [student][device]
+    transfer: list[list[float]]
+    times: list[list[float]]  # compute + transfer
+
+
+def _student_costs(bundle: Bundle, devices: Sequence[DeviceProfile], runtime_mb: float) -> _StudentCosts:
+    students = bundle.students
+    request = [infer_wire_bytes(s.name, s.input.name, _batch1(s.input.shape), s.input.datatype) for s in students]
+    response = [infer_wire_bytes(s.name, s.output.name, _batch1(s.output.shape), s.output.datatype, response=True) for s in students]
+    compute = [[_compute_s(s.flops, p) for p in devices] for s in students]
+    transfer = [[_transfer_s(request[k] + response[k], p) for p in devices] for k in range(len(students))]
+    return _StudentCosts(
+        memory=[model_memory_mb(s.size_bytes, s.activation_bytes, runtime_mb) for s in students],
+        request=request,
+        response=response,
+        compute=compute,
+        transfer=transfer,
+        times=[[compute[k][d] + transfer[k][d] for d in range(len(devices))] for k in range(len(students))],
+    )
+
+
+def place(bundle: Bundle | str | Path, devices: Sequence[Any], *, runtime_mb: float = RUNTIME_FOOTPRINT_MB) -> list[int]:
+    """Which of `devices` serves each student: the index of student k's device, for every k.
+
+    The one placement of nonn (`plan`, `simulate` and the deployment files use it): every student
+    on a device of its own whose memory holds it, the slowest device as fast as possible (exact
+    min-max assignment). Raises PlanError naming the student and the shortfall when none exists.
+    """
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.load(bundle)
+    devices = [_as_profile(p) for p in devices]
+    if not devices:
+        raise PlanError("no devices given")
+    costs = _student_costs(bundle, devices, runtime_mb)
+    return _assign(bundle, devices, _device_names(devices), costs.memory, costs.times, runtime_mb)
+
+
+def _check_placement(placement: Sequence[int], num_students: int, num_devices: int) -> list[int]:
+    placed = [int(d) for d in placement]
+    if len(placed) != num_students or len(set(placed)) != len(placed) or not all(0 <= d < num_devices for d in placed):
+        raise PlanError(
+            f"placement {placed}: expected {num_students} distinct device indices in 0..{num_devices - 1}, one per student"
+        )
+    return placed
+
+
 def plan(
     bundle: Bundle | str | Path,
     devices: Sequence[DeviceProfile],
     *,
     aggregator: DeviceProfile | None = None,
     runtime_mb: float = RUNTIME_FOOTPRINT_MB,
+    placement: Sequence[int] | None = None,
 ) -> Plan:
-    """Place the bundle's students on `devices` (one each) and estimate the fleet's cost."""
+    """Place the bundle's students on `devices` (one each) and estimate the fleet's cost.
+
+    `placement` (student k on devices[placement[k]]) replaces the search, e.g. to estimate a fleet
+    that already runs; by default `place` chooses.
+    """
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
     devices = [_as_profile(p) for p in devices]
@@ -451,13 +400,14 @@ def plan(
     names = _device_names(devices)
     input_shape = list(bundle.preprocessing.input_shape)
     students = bundle.students
-    memory = [model_memory_mb(s.size_bytes, s.activation_bytes, runtime_mb) for s in students]
-    request = [infer_wire_bytes(s.name, s.input.name, _batch1(s.input.shape), s.input.datatype) for s in students]
-    response = [infer_wire_bytes(s.name, s.output.name, _batch1(s.output.shape), s.output.datatype, response=True) for s in students]
-    compute = [[_compute_s(s.flops, p) for p in devices] for s in students]
-    transfer = [[_transfer_s(request[k] + response[k], p) for p in devices] for k in range(len(students))]
-    times = [[compute[k][d] + transfer[k][d] for d in range(len(devices))] for k in range(len(students))]
-    placed = _assign(bundle, devices, names, memory, times, runtime_mb)
+    costs = _student_costs(bundle, devices, runtime_mb)
+    memory, request, response, compute, transfer, times = (
+        costs.memory, costs.request, costs.response, costs.compute, costs.transfer, costs.times
+    )
+    if placement is None:
+        placed = _assign(bundle, devices, names, memory, times, runtime_mb)
+    else:
+        placed = _check_placement(placement, len(students), len(devices))
 
     agg = aggregator or devices[0]
     head_s = _compute_s(bundle.head.flops, agg)
@@ -471,7 +421,9 @@ def plan(
     for d, profile in enumerate(devices):
         k = by_device.get(d)
         if k is None:
-            rows.append(DevicePlan(names[d], profile.name, None, 0.0, profile.available_mb, 0.0, 0, 0, 0.0, 0.0, profile.power_w.idle * latency * 1000))
+            rows.append(
+                DevicePlan(names[d], profile.name, None, 0.0, profile.available_mb, 0.0, 0, 0, 0.0, 0.0, profile.power_w.idle * latency * 1000, profile.threads)
+            )
             continue
         busy = min(times[k][d], latency)
         energy = profile.power_w.active * busy + profile.power_w.idle * (latency - busy)
@@ -488,6 +440,7 @@ def plan(
                 transfer_ms=transfer[k][d] * 1000,
                 busy_ms=times[k][d] * 1000,
                 energy_mj=energy * 1000,
+                threads=profile.threads,
             )
         )
     used = [r for r in rows if r.student is not None]
@@ -514,6 +467,8 @@ def plan(
         mp_est = _model_parallel_estimate(bundle.teacher, mp_devices, runtime_mb, bundle.num_classes, input_shape)
 
     return Plan(
+        bundle=BundleRef.of(bundle),
+        placement=[StudentPlacement(s.name, [names[placed[k]]]) for k, s in enumerate(students)],
         devices=rows,
         nonn=nonn,
         teacher=teacher_est,
@@ -547,8 +502,15 @@ def _num(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def format_device_order(p: Plan) -> str:
+    """Which device serves each student, in the student order `serve --aggregate` and `infer` take."""
+    width = max(len(s.student) for s in p.placement)
+    lines = [f"  {s.student.ljust(width)}  {', '.join(s.devices)}" for s in p.placement]
+    return "device order (student order: give the devices' host:port in this order to serve --aggregate / infer --devices):\n" + "\n".join(lines)
+
+
 def format_plan(p: Plan) -> str:
-    """The plan as terminal tables: per device, then NoNN vs teacher vs model-parallel."""
+    """The plan as terminal tables: per device, the device order, then NoNN vs teacher vs model-parallel."""
     device_rows = [
         [
             r.device,
@@ -563,6 +525,7 @@ def format_plan(p: Plan) -> str:
     ]
     parts = [
         _table(["device", "student", "memory MB", "avail MB", "compute ms", "sent B/inf", "energy mJ"], device_rows),
+        format_device_order(p),
         f"fleet latency {p.nonn.latency_ms:.2f} ms per image (head {p.head_ms:.2g} ms on {p.aggregator}); "
         f"devices send {p.nonn.bytes_per_inference} B per inference, {p.nonn.wire_bytes_per_inference} B on the wire with the input images",
     ]
@@ -592,8 +555,9 @@ def format_plan(p: Plan) -> str:
 
 
 def simulation_estimates(bundle_dir: str | Path, profiles: Sequence[Any]) -> dict[str, Any] | None:
-    """The plan for the devices a simulation ran on (for reports); None if it cannot be placed."""
+    """The estimates for the fleet a simulation ran (student k on profiles[k], for reports); None if not possible."""
     try:
-        return plan(Bundle.load(bundle_dir), [_as_profile(p) for p in profiles]).to_dict()
+        bundle = Bundle.load(bundle_dir)
+        return plan(bundle, [_as_profile(p) for p in profiles], placement=range(bundle.num_students)).to_dict()
     except (PlanError, KeyError, TypeError, ValueError):
         return None

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from nonn.artifacts import ArtifactError
+from nonn.artifacts import ArtifactError, sha256_file
 from nonn.cli import main
+from nonn.devices.plan_file import load_plan
 from nonn.devices.planner import (
     RUNTIME_FOOTPRINT_MB,
     PlanError,
@@ -115,8 +116,8 @@ def test_plan_four_pis_costs_follow_the_model() -> None:
     bundle = make_bundle()
     devices = parse_device_list("rpi3b+:4")
     p = plan(bundle, devices)
-    assert sorted(p.assignment()) == [f"student_{k}" for k in range(4)]
-    assert len(set(p.assignment().values())) == 4
+    assert [s.student for s in p.placement] == [f"student_{k}" for k in range(4)]
+    assert len({d for s in p.placement for d in s.devices}) == 4
     pi = devices[0]
     row = p.devices[0]
     assert row.memory_mb == pytest.approx(RUNTIME_FOOTPRINT_MB + (2 * 200_000 + 100_000) / 2**20)
@@ -138,7 +139,7 @@ def test_plan_four_pis_costs_follow_the_model() -> None:
     assert ratios["teacher"]["latency"] > 10 and ratios["model_parallel"]["bytes_per_inference"] > 100
     text = format_plan(p)
     assert "rpi3b+#3" in text and "teacher/NoNN" in text and "model-parallel/NoNN" in text
-    assert json.loads(json.dumps(p.to_dict()))["assignment"] == p.assignment()
+    assert "device order" in text and "student_3" in text.split("device order")[1]
 
 
 def test_plan_balances_the_slowest_device() -> None:
@@ -147,7 +148,7 @@ def test_plan_balances_the_slowest_device() -> None:
     bundle = make_bundle(student_flops=(4e8, 1e7, 3e8, 2e7))
     devices = parse_device_list("rpi3b+,x86,rpi3b+,rpi4b")
     p = plan(bundle, devices)
-    assert p.assignment()["student_0"] in ("x86", "rpi4b") and p.assignment()["student_2"] in ("x86", "rpi4b")
+    assert p.devices_of("student_0")[0] in ("x86", "rpi4b") and p.devices_of("student_2")[0] in ("x86", "rpi4b")
     by_student = {r.student: r.busy_ms for r in p.devices if r.student}
     best = min(
         max(
@@ -177,7 +178,7 @@ def test_infeasible_plans_name_the_student_and_shortfall() -> None:
     two_big = make_bundle(student_bytes=(500 * 2**20, 500 * 2**20, 200_000, 200_000))
     with pytest.raises(PlanError, match="no placement fits every student: student_[01]"):
         plan(two_big, parse_device_list("jetson-nano,rpi3b+:3"))
-    assert plan(two_big, parse_device_list("jetson-nano:2,rpi3b+:2")).assignment()["student_0"].startswith("jetson-nano")
+    assert plan(two_big, parse_device_list("jetson-nano:2,rpi3b+:2")).devices_of("student_0")[0].startswith("jetson-nano")
 
 
 def test_cli_plan_and_simulation_hook(tmp_path: Path, capsys) -> None:
@@ -192,3 +193,46 @@ def test_cli_plan_and_simulation_hook(tmp_path: Path, capsys) -> None:
     assert "fewer devices than students" in capsys.readouterr().err
     est = simulation_estimates(tmp_path / "b", [{"name": "rpi3b+"}] * 4)
     assert est is not None and est["comparison"][0]["metric"] == "memory per device"
+
+
+def test_plan_json_round_trip_and_validation(tmp_path: Path) -> None:
+    make_bundle().save(tmp_path / "b")
+    bundle = Bundle.load(tmp_path / "b")
+    p = plan(bundle, parse_device_list("rpi4b,rpi3b+:4"))
+    path = p.save(tmp_path / "plan.json")
+    loaded = load_plan(path)
+    assert loaded.to_dict() == p.to_dict()
+    assert loaded.bundle is not None and loaded.bundle.manifest_sha256 == sha256_file(tmp_path / "b" / "manifest.json")
+    assert [s.student for s in loaded.placement] == [s.name for s in bundle.students]
+    assert sum(d.student is None for d in loaded.devices) == 1  # five devices, four students
+    assert all(loaded.device(loaded.devices_of(s.name)[0]).student == s.name for s in bundle.students)
+    assert loaded.device("rpi4b").threads == 4
+    loaded.check_bundle(bundle)  # made for this bundle: no error
+
+    good = json.loads(path.read_text())
+    cases = [
+        (lambda d: d.update(format="nonn.plan/0"), "format is 'nonn.plan/0', expected 'nonn.plan/1'"),
+        (lambda d: d["bundle"].update(manifest_sha256="abc"), "bundle.manifest_sha256: expected 64 lowercase hex"),
+        (lambda d: d["placement"].reverse(), "placement: places .* expected the bundle's students in order"),
+        (lambda d: d["placement"][0].update(devices=["rpi5"]), r"placement\[0\] \(student_0\): device 'rpi5' is not among"),
+        (lambda d: d["placement"][1].update(devices=d["placement"][0]["devices"]), "already serves student_0"),
+        (lambda d: d["devices"][0].update(memory_mb="lots"), r"devices\[0\].memory_mb: expected a number, got 'lots'"),
+        (lambda d: d["nonn"].pop("latency_ms"), "nonn.latency_ms: missing required field"),
+    ]
+    for change, message in cases:
+        broken = json.loads(json.dumps(good))
+        change(broken)
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ArtifactError, match=message):
+            load_plan(path)
+
+    # Another bundle (another export of the same models): refused, naming both bundles and hashes.
+    other = make_bundle()
+    other.created = "another run"
+    other.save(tmp_path / "other")
+    with pytest.raises(PlanError, match=r"was made for bundle .*/b \(manifest sha256 [0-9a-f]{64}\), not for bundle .*/other \(manifest sha256 [0-9a-f]{64}\)"):
+        p.check_bundle(Bundle.load(tmp_path / "other"))
+    # An in-memory bundle has no manifest to record: such a plan cannot be saved.
+    with pytest.raises(PlanError, match="not on disk"):
+        plan(make_bundle(), parse_device_list("rpi3b+:4")).save(tmp_path / "memory.json")
+    assert not (tmp_path / "memory.json").exists()

@@ -189,7 +189,15 @@ TINY_PROFILES = {
             "link": {"bandwidth_mbps": 100, "latency_ms": 2.0, "loss": 0.0},
             "threads": 1,
             "sources": {"all": "made up for the tests"},
-        }
+        },
+        "slow": {
+            "memory_mb": 2048,
+            "gflops": 1e-6,
+            "power_w": {"idle": 1.0, "active": 2.0},
+            "link": {"bandwidth_mbps": 100, "latency_ms": 2.0, "loss": 0.0},
+            "threads": 1,
+            "sources": {"all": "made up for the tests"},
+        },
     },
 }
 
@@ -231,10 +239,30 @@ def test_cli_simulate_with_a_fault_writes_json_and_html(cli_inputs, capsys):
     _assert_no_children()
 
 
+def test_cli_simulate_places_students_as_plan_does(cli_inputs, tmp_path, capsys):
+    """One placement: the heavier student_1 goes on the fast device in both commands, whatever the list's order."""
+    from nonn.cli import main
+    from nonn.devices.plan_file import load_plan
+
+    root = cli_inputs
+    common = ["--bundle", str(root / "bundle"), "--devices", "tiny,slow", "--profiles", str(root / "profiles.json")]
+    assert main(["plan", *common, "--out", str(tmp_path / "plan.json")]) == 0
+    planned = load_plan(tmp_path / "plan.json")
+    planned_profiles = [planned.device(planned.devices_of(s)[0]).profile for s in ("student_0", "student_1")]
+    assert planned_profiles == ["slow", "tiny"]
+    code = main(["simulate", *common, "--dataset", str(root / "data.npz"), "--requests", "4", "--network", "none",
+                 "--no-progress", "--json", str(tmp_path / "sim.json")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "sim.json").read_text())
+    assert [d["profile"] for d in report["devices"]] == planned_profiles
+    assert "student_0 on slow, student_1 on tiny" in capsys.readouterr().err
+    _assert_no_children()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--devices", "tiny:3"], "gives 3 device(s) for a bundle with 2 students"),
+        (["--devices", "tiny:1"], "gives 1 device(s) for a bundle with 2 students"),
         (["--devices", "tiny:2", "--kill", "5@1"], "device 5 does not exist"),
         (["--devices", "tiny:2", "--kill", "1at2"], "expected DEVICE@SECONDS"),
         (["--devices", "nosuch:2"], "unknown device profile 'nosuch'"),

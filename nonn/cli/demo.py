@@ -175,7 +175,7 @@ def run_demo(
     if wanted("bundle"):
         _stage("4/6 export the ONNX bundle", ["export", "--students", str(paths["students"]), "--out", str(paths["bundle"])],
                result, "export")
-    _stage("5/6 plan the placement", ["plan", "--bundle", str(paths["bundle"]), "--devices", devices, "--json", str(paths["plan"])],
+    _stage("5/6 plan the placement", ["plan", "--bundle", str(paths["bundle"]), "--devices", devices, "--out", str(paths["plan"])],
            result, "plan")
     sim = ["simulate", "--bundle", str(paths["bundle"]), "--devices", devices, *data,
            "--requests", str(preset.requests if requests is None else requests),

@@ -43,8 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pl = subparsers.add_parser(
         "plan",
         help="place students on device profiles; estimate memory, latency, bytes and energy",
-        description="Assign each student of a bundle to a device and compare the fleet with the "
-        "teacher on one device and with a layer-wise model-parallel split of the teacher.",
+        description="Assign each student of a bundle to a device (each on a device of its own that "
+        "holds it, the slowest device as fast as possible: the same placement `nonn simulate` uses), "
+        "print the device order that `serve --aggregate` and `infer --devices` take, and compare the "
+        "fleet with the teacher on one device and with a layer-wise model-parallel split of the "
+        "teacher. --out writes plan.json, which `nonn deploy` reads.",
     )
     pl.add_argument("--bundle", required=True, help="bundle directory from `nonn export`")
     pl.add_argument("--devices", required=True, help="device list, e.g. rpi3b+:4 or rpi4b,jetson-nano (names from the profiles)")
@@ -56,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="memory of the serving runtime itself, MB (default: the measured resident size of `nonn serve`, 82 MB)",
     )
-    pl.add_argument("--json", dest="json_out", default=None, help="also write the plan as JSON here")
+    pl.add_argument("--out", "--json", dest="out", default=None, metavar="PLAN_JSON",
+                    help="write the plan (nonn.plan/1: placement, device order, estimates, the bundle's manifest sha256) here, e.g. plan.json")
     pl.set_defaults(func=_plan)
 
 
@@ -119,7 +123,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from nonn.artifacts import atomic_write_json
     from nonn.devices.planner import RUNTIME_FOOTPRINT_MB, format_plan, plan
     from nonn.devices.profiles import load_profiles, parse_device_list
     from nonn.runtime.bundle import Bundle
@@ -137,7 +140,7 @@ def _plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--runtime-mb must be >= 0, got {runtime_mb}")
     result = plan(Bundle.load(args.bundle), devices, aggregator=aggregator, runtime_mb=runtime_mb)
     print(format_plan(result))
-    if args.json_out:
-        atomic_write_json(args.json_out, result.to_dict())
-        print(f"wrote {args.json_out}")
+    if args.out:
+        result.save(args.out)
+        print(f"wrote {args.out}")
     return 0

@@ -49,8 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--devices",
         required=True,
-        help="device profiles, one per student: NAME[:COUNT],... e.g. rpi3b+:4 or rpi4b,rpi3b+:3 "
-        "(a single profile name is used for every student)",
+        help="device profiles, at least one per student: NAME[:COUNT],... e.g. rpi3b+:4 or rpi4b,rpi3b+:3 "
+        "(a single profile name is used for every student); students are placed on them as `nonn plan` places them",
     )
     s.add_argument("--profiles", default=None, help="extra device profile file (nonn.devices/1 JSON) to add or override profiles")
     add_data_args(s, default="digits")
@@ -94,17 +94,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve_devices(devices: str, num_students: int, profiles_file: str | None = None) -> list[Any]:
-    """One DeviceProfile per student from a device list ("rpi3b+:4"); a bare single name is repeated."""
+    """The DeviceProfiles of a device list ("rpi3b+:4"), at least one per student; a bare single name is repeated."""
     from nonn.devices.profiles import load_profiles, parse_device_list
 
     catalogue = load_profiles(profiles_file) if profiles_file else None
     resolved = parse_device_list(devices, catalogue)
     if len(resolved) == 1 and num_students > 1 and ":" not in devices:
         resolved = resolved * num_students
-    if len(resolved) != num_students:
+    if len(resolved) < num_students:
         raise CLIError(
             f"--devices {devices!r} gives {len(resolved)} device(s) for a bundle with {num_students} students; "
-            f"give one per student, e.g. {resolved[0].name}:{num_students}"
+            f"give at least one per student, e.g. {resolved[0].name}:{num_students}"
         )
     return resolved
 
@@ -170,6 +170,7 @@ def run_simulation(
     """
     from dataclasses import replace
 
+    from nonn.devices.planner import place
     from nonn.devices.report import build_report, format_table, write_html, write_json
     from nonn.devices.simulate import SimulationConfig, parse_faults, simulate
     from nonn.runtime.bundle import Bundle
@@ -182,7 +183,8 @@ def run_simulation(
     if split not in ("test", "train"):
         raise CLIError(f"--split {split!r}: expected test or train")
     loaded = Bundle.load(bundle)
-    profiles = resolve_devices(devices, loaded.num_students, profiles_file)
+    candidates = resolve_devices(devices, loaded.num_students, profiles_file)
+    profiles = [candidates[d] for d in place(loaded, candidates)]  # student k on profiles[k], as `nonn plan` places them
     config = replace(config or SimulationConfig(), faults=parse_faults(list(kills), loaded.num_students))
     data = load_dataset(dataset, data_dir)
     images = data.test_x if split == "test" else data.train_x
@@ -200,8 +202,9 @@ def run_simulation(
         teacher_classes = None
     if echo:
         print(
-            f"nonn simulate: {loaded.num_students} devices ({devices}), {dataset} {split} split, "
-            f"{len(images)} images; starting the fleet...",
+            f"nonn simulate: {loaded.num_students} devices ("
+            + ", ".join(f"{s.name} on {p.name}" for s, p in zip(loaded.students, profiles))
+            + f"), {dataset} {split} split, {len(images)} images; starting the fleet...",
             file=sys.stderr,
         )
     result = simulate(loaded.root, profiles, images, labels, teacher_classes, config, log_dir=log_dir)
