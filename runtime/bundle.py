@@ -5,9 +5,8 @@ A bundle is a directory written by `nonn export`:
     manifest.json          this schema
     student_0.onnx ...     one model per student: image (N, C, H, W) -> pooled features (N, F_k)
     head.onnx              concatenated features (N, sum F_k) -> logits (N, classes)
-    triton/<name>/1/model.onnx + config.pbtxt
-                           the students as a Triton-style model repository, so any Open
-                           Inference Protocol server can host them as well as `nonn serve`
+    triton/                a Triton model repository serving the whole ensemble on one server
+                           (nonn.deploy.triton)
 
 manifest.json fields (unknown extra fields are ignored, so later versions can add some):
 
@@ -56,7 +55,6 @@ __all__ = [
     "TeacherSummary",
     "Bundle",
     "verify_bundle",
-    "triton_config_pbtxt",
     "summarize",
 ]
 
@@ -372,7 +370,7 @@ class Bundle:
 
     @property
     def triton_repository(self) -> Path | None:
-        """The Triton-style model repository holding the students, if the bundle has one."""
+        """The Triton model repository of the bundle (nonn.deploy.triton), if it has one."""
         return None if self.triton_repository_dir is None else self.root / self.triton_repository_dir
 
     def student(self, name_or_index: str | int) -> StudentEntry:
@@ -399,13 +397,6 @@ class Bundle:
         if isinstance(entry, str):
             entry = self.model(entry)
         return self.root / entry.file
-
-    def triton_model_path(self, entry: StudentEntry | str) -> Path | None:
-        repo = self.triton_repository
-        if repo is None:
-            return None
-        name = entry if isinstance(entry, str) else entry.name
-        return repo / name / "1" / "model.onnx"
 
     # ---- (de)serialisation
 
@@ -501,28 +492,6 @@ class Bundle:
             fail(f"teacher: input shape {self.teacher.input_shape} differs from preprocessing {self.preprocessing.input_shape}")
 
 
-# --------------------------------------------------------------------------- Triton repository
-
-
-def triton_config_pbtxt(entry: ModelEntry, max_batch_size: int = 0) -> str:
-    """A Triton `config.pbtxt` for one ONNX model (batch dim left dynamic in dims when max_batch_size=0)."""
-
-    def dims(spec: TensorSpec) -> str:
-        shape = spec.shape[1:] if max_batch_size > 0 else spec.shape
-        return ", ".join(str(d) for d in shape)
-
-    def tensor(spec: TensorSpec) -> str:
-        return f'  {{\n    name: "{spec.name}"\n    data_type: TYPE_{spec.datatype}\n    dims: [ {dims(spec)} ]\n  }}'
-
-    return (
-        f'name: "{entry.name}"\n'
-        'platform: "onnxruntime_onnx"\n'
-        f"max_batch_size: {max_batch_size}\n"
-        f"input [\n{tensor(entry.input)}\n]\n"
-        f"output [\n{tensor(entry.output)}\n]\n"
-    )
-
-
 # --------------------------------------------------------------------------- verification
 
 
@@ -572,9 +541,9 @@ def _check_onnx_io(path: Path, entry: ModelEntry) -> list[str]:
 def verify_bundle(path: str | Path, check_models: bool = True) -> list[str]:
     """Every problem with a bundle (empty list when it is good).
 
-    Checks the manifest schema, each file's presence and sha256, each ONNX model's input/output
-    names, shapes and types against the manifest (and a probe run, when `check_models`), and that
-    the Triton repository's copies and configs match the students.
+    Checks the manifest schema, each file's presence and sha256, and each ONNX model's input/output
+    names, shapes and types against the manifest (and a probe run, when `check_models`). The
+    Triton repository is checked by `nonn.deploy.triton.verify_model_repository`.
     """
     try:
         bundle = Bundle.load(path)
@@ -595,20 +564,6 @@ def verify_bundle(path: str | Path, check_models: bool = True) -> list[str]:
             problems.append(f"{entry.name}: {file} is {file.stat().st_size} bytes, manifest says {entry.size_bytes}")
         if check_models:
             problems.extend(_check_onnx_io(file, entry))
-    repo = bundle.triton_repository
-    if repo is not None:
-        for s in bundle.students:
-            model = bundle.triton_model_path(s)
-            assert model is not None
-            config = model.parent.parent / "config.pbtxt"
-            if not model.is_file():
-                problems.append(f"{s.name}: Triton repository model {model} is missing")
-            elif sha256_file(model) != s.sha256:
-                problems.append(f"{s.name}: Triton repository model {model} differs from {s.file} (sha256 mismatch)")
-            if not config.is_file():
-                problems.append(f"{s.name}: Triton repository config {config} is missing")
-            elif f'name: "{s.name}"' not in config.read_text(encoding="utf-8"):
-                problems.append(f"{s.name}: {config} does not name model {s.name!r}")
     return problems
 
 

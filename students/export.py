@@ -37,6 +37,8 @@ from torch import nn
 
 from nonn import __version__
 from nonn.artifacts import ArtifactError, atomic_directory, sha256_file
+from nonn.deploy.triton import model_repository_files
+from nonn.deploy.writer import write_files
 from nonn.runtime.bundle import (
     TRITON_DIR,
     Bundle,
@@ -46,7 +48,6 @@ from nonn.runtime.bundle import (
     StudentEntry,
     TeacherSummary,
     TensorSpec,
-    triton_config_pbtxt,
 )
 
 __all__ = [
@@ -553,11 +554,6 @@ def export_bundle(
             path = tmp / entry.file
             entry.sha256 = sha256_file(path)
             entry.size_bytes = path.stat().st_size
-        for entry in entries:
-            model_dir = tmp / TRITON_DIR / entry.name
-            (model_dir / "1").mkdir(parents=True)
-            shutil.copyfile(tmp / entry.file, model_dir / "1" / "model.onnx")
-            (model_dir / "config.pbtxt").write_text(triton_config_pbtxt(entry), encoding="utf-8")
 
         bundle = Bundle(
             students=entries,
@@ -574,6 +570,7 @@ def export_bundle(
             nonn_version=__version__,
             root=tmp,
         )
+        write_files(tmp / TRITON_DIR, model_repository_files(bundle))
         bundle.save(tmp)
     bundle.root = Path(out_dir)
     return bundle

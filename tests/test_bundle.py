@@ -19,6 +19,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from nonn.artifacts import ArtifactError, sha256_file  # noqa: E402
 from nonn.cli import main  # noqa: E402
+from nonn.deploy.triton import model_repository_files, verify_model_repository  # noqa: E402
+from nonn.deploy.writer import write_files  # noqa: E402
 from nonn.runtime.bundle import (  # noqa: E402
     BUNDLE_FORMAT,
     Bundle,
@@ -26,7 +28,6 @@ from nonn.runtime.bundle import (  # noqa: E402
     Preprocessing,
     StudentEntry,
     TensorSpec,
-    triton_config_pbtxt,
     verify_bundle,
 )
 
@@ -76,10 +77,6 @@ def make_bundle(root: Path, groups=((0, 1, 2), (3, 4)), classes=3) -> Bundle:
             index=k,
         )
         students.append(entry)
-        repo_dir = root / "triton" / entry.name
-        (repo_dir / "1").mkdir(parents=True)
-        shutil.copyfile(root / file, repo_dir / "1" / "model.onnx")
-        (repo_dir / "config.pbtxt").write_text(triton_config_pbtxt(entry))
     total = sum(len(g) for g in groups)
     _matmul_model(root / "head.onnx", "features", [total], rng.normal(size=(total, classes)), "logits", False)
     head = ModelEntry(
@@ -99,6 +96,7 @@ def make_bundle(root: Path, groups=((0, 1, 2), (3, 4)), classes=3) -> Bundle:
         class_names=[f"c{i}" for i in range(classes)],
         root=root,
     )
+    write_files(root / "triton", model_repository_files(bundle))
     bundle.save()
     return bundle
 
@@ -182,7 +180,8 @@ def test_verify_detects_missing_file_and_triton_drift(bundle_dir: Path) -> None:
     (bundle_dir / "triton" / "student_0" / "1" / "model.onnx").write_bytes(b"x")
     problems = verify_bundle(bundle_dir)
     assert any("head" in p and "missing" in p for p in problems), problems
-    assert any("Triton" in p and "student_0" in p for p in problems), problems
+    assert main(["bundle", "verify", str(bundle_dir)]) == 1  # the CLI checks the Triton repository too
+    assert any("Triton" in p and "student_0" in p for p in verify_model_repository(Bundle.load(bundle_dir))), problems
 
 
 def test_verify_detects_shape_mismatch_with_matching_hash(bundle_dir: Path) -> None:

@@ -108,8 +108,11 @@ def test_fp32_export_matches_pytorch_with_dynamic_batch(tmp_path: Path, data) ->
     # Teacher summary for the planner, Triton repository beside the plain files.
     assert loaded.teacher is not None and loaded.teacher.input_shape == list(SHAPE)
     assert loaded.teacher.flops == sum(layer.flops for layer in loaded.teacher.layers) > 0
-    config = (tmp_path / "b" / "triton" / "student_1" / "config.pbtxt").read_text()
-    assert 'name: "student_1"' in config and "dims: [ -1, 2 ]" in config
+    from nonn.deploy.triton import parse_config, verify_model_repository
+
+    config = parse_config(tmp_path / "b" / "triton" / "student_1" / "config.pbtxt")
+    assert config.name == "student_1" and list(config.output[0].dims) == [2] and config.max_batch_size == 64
+    assert verify_model_repository(loaded) == []  # students, features, head and the ensemble
 
 
 def test_failed_parity_writes_nothing_and_keeps_previous_bundle(tmp_path: Path, data) -> None:

@@ -9,6 +9,7 @@ from nonn.cli import main
 
 
 def test_subpackages_map_to_top_level_folders():
+    import nonn.deploy
     import nonn.devices
     import nonn.partition
     import nonn.runtime
@@ -19,17 +20,18 @@ def test_subpackages_map_to_top_level_folders():
         (nonn.students, "students"),
         (nonn.runtime, "runtime"),
         (nonn.devices, "devices"),
+        (nonn.deploy, "deploy"),
     ]:
         assert mod.__file__.replace("\\", "/").split("/")[-2] == folder
 
 
-def test_runtime_and_devices_import_without_torch():
+def test_runtime_devices_and_deploy_import_without_torch():
     # torch set to None in sys.modules makes any `import torch` raise ImportError.
     code = (
         "import sys, pkgutil, importlib\n"
         "sys.modules['torch'] = None\n"
-        "import nonn.runtime, nonn.devices\n"
-        "for pkg in (nonn.runtime, nonn.devices):\n"
+        "import nonn.runtime, nonn.devices, nonn.deploy\n"
+        "for pkg in (nonn.runtime, nonn.devices, nonn.deploy):\n"
         "    for info in pkgutil.iter_modules(pkg.__path__):\n"
         "        importlib.import_module(pkg.__name__ + '.' + info.name)\n"
         "print('ok')\n"

@@ -16,7 +16,7 @@ from typing import Sequence
 from nonn import __version__
 
 # Modules under nonn.cli that contribute sub-commands, in --help order.
-COMMAND_MODULES = ("teacher", "partition", "students", "export", "runtime", "fleet", "demo")
+COMMAND_MODULES = ("teacher", "partition", "students", "export", "runtime", "fleet", "deploy", "demo")
 
 EPILOG = """\
 pipeline:
@@ -27,6 +27,7 @@ pipeline:
   nonn plan            place students on device profiles, estimate cost
   nonn serve           host one student (or the whole ensemble) over gRPC
   nonn simulate        run the fleet on this machine and report
+  nonn deploy          Kubernetes manifests, systemd units, container image, Triton repository
   nonn demo            all of the above on the bundled digits data
 
 Run `nonn COMMAND --help` for a command's options.

@@ -106,19 +106,25 @@ def _pct(value: float | None) -> str:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from nonn.runtime.bundle import verify_bundle
+    from nonn.artifacts import ArtifactError
+    from nonn.deploy.triton import verify_model_repository
+    from nonn.runtime.bundle import Bundle, verify_bundle
 
     problems = verify_bundle(args.bundle, check_models=not args.no_run)
+    try:
+        problems += verify_model_repository(Bundle.load(args.bundle))
+    except ArtifactError:
+        pass  # the manifest itself is broken: verify_bundle has said so
     if problems:
         for problem in problems:
             print(f"nonn: bundle verify: {problem}", file=sys.stderr)
         print(f"nonn: bundle verify: {args.bundle}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
-    from nonn.runtime.bundle import Bundle, summarize
+    from nonn.runtime.bundle import summarize
 
     for line in summarize(Bundle.load(args.bundle)):
         print(line)
-    print(f"ok: {args.bundle} verified (schema, sha256{'' if args.no_run else ', model inputs/outputs'})")
+    print(f"ok: {args.bundle} verified (schema, sha256{'' if args.no_run else ', model inputs/outputs'}, Triton repository)")
     return 0
 
 
