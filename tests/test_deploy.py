@@ -50,7 +50,7 @@ def fleet(tmp_path_factory):
 
 
 def _preprocessed(bundle: Bundle, images: np.ndarray) -> np.ndarray:
-    from nonn.runtime.aggregator import preprocess_images
+    from nonn.runtime.preprocessing import preprocess_images
 
     pre = bundle.preprocessing
     return preprocess_images(images, pre.mean, pre.std, pre.input_shape, pre.pixel_scale)
