@@ -12,6 +12,7 @@ import torch
 from students_testing import make_npz, make_partition, make_teacher
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_torchrun_two_cpu_processes(tmp_path):
     data = make_npz(tmp_path / "bars.npz")

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from nonn.cli import main
 from nonn.cli.demo import format_summary, run_demo
 
 
+@pytest.mark.slow
 def test_demo_pipeline_writes_every_artifact(tmp_path, capsys):
     out = tmp_path / "demo"
     result = run_demo(out, teacher_epochs=1, student_epochs=1, requests=24, fault=False)

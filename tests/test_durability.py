@@ -114,6 +114,7 @@ def straight_and_resumed_after_kill(argv: list[str], tmp_path) -> tuple[dict, di
     return a, b, reached, seed
 
 
+@pytest.mark.slow
 def test_teacher_killed_at_a_random_point_resumes_to_the_same_weights(files, tmp_path):
     argv = ["train-teacher", "--dataset", str(files["data"]), "--arch", "cnn-small", "--width", "4", "--epochs", "4",
             "--batch-size", "16", "--lr", "0.05", "--seed", "3", "--device", "cpu", "--threads", "1", "--no-progress"]  # fmt: skip
@@ -122,6 +123,7 @@ def test_teacher_killed_at_a_random_point_resumes_to_the_same_weights(files, tmp
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
 
 
+@pytest.mark.slow
 def test_students_killed_at_a_random_point_resume_to_the_same_weights(files, tmp_path):
     argv = ["train-students", "--teacher", str(files["teacher"]), "--partition", str(files["partition"]),
             "--dataset", str(files["data"]), "--arch", "cnn-small:width=4", "--epochs", "4", "--batch-size", "16",
@@ -198,6 +200,7 @@ def test_partition_killed_while_writing_leaves_the_previous_one(tmp_path):
     assert Partition.load(out).num_students == 4
 
 
+@pytest.mark.slow
 def test_export_killed_while_writing_leaves_the_previous_bundle(files, tmp_path):
     from nonn.runtime.bundle import Bundle, verify_bundle
 

@@ -75,6 +75,7 @@ def data():
     return tiny_data(256, seed=1), tiny_data(128, seed=2)
 
 
+@pytest.mark.slow
 def test_fp32_export_matches_pytorch_with_dynamic_batch(tmp_path: Path, data) -> None:
     (train_x, _), (test_x, test_y) = data
     m = meta(train_x)
@@ -115,6 +116,7 @@ def test_fp32_export_matches_pytorch_with_dynamic_batch(tmp_path: Path, data) ->
     assert verify_model_repository(loaded) == []  # students, features, head and the ensemble
 
 
+@pytest.mark.slow
 def test_failed_parity_writes_nothing_and_keeps_previous_bundle(tmp_path: Path, data) -> None:
     (train_x, _), (test_x, _) = data
     m = meta(train_x)
@@ -144,6 +146,7 @@ def test_bad_inputs_are_rejected(tmp_path: Path, data) -> None:
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_int8_accuracy_within_tolerance_and_smaller(tmp_path: Path, data) -> None:
     (train_x, train_y), (test_x, test_y) = data
     m = meta(train_x)
@@ -184,6 +187,7 @@ def test_profile_counts_match_torch_flop_counter() -> None:
     assert prof.activation_bytes >= 2 * 16 * 32 * 32 * 4
 
 
+@pytest.mark.slow
 def test_cli_export_verify_plan_from_a_trained_checkpoint(tmp_path: Path, capsys) -> None:
     from nonn.cli import main
     from nonn.students.train import StudentsConfig, train_students

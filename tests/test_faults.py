@@ -152,6 +152,7 @@ def test_restarted_front_end_is_unavailable_briefly_then_answers_again(bundle, d
         front.wait(15)
 
 
+@pytest.mark.slow
 def test_device_killed_and_restarted_under_load_through_the_front_end(bundle, tmp_path):
     """Every request is answered: full, then degraded while a device is down, then full again."""
     from nonn.devices.fleet import LocalFleet
