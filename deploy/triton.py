@@ -94,6 +94,8 @@ def model_configs(bundle: Bundle, max_batch: int = DEFAULT_MAX_BATCH) -> dict[st
     configs: dict[str, Any] = {s.name: _onnx_config(s.name, [s.input], [s.output], max_batch) for s in bundle.students}
     configs[FEATURES_MODEL] = _onnx_config(FEATURES_MODEL, features, [head.input], max_batch)
     configs[head.name] = _onnx_config(head.name, [head.input], [head.output], max_batch)
+    for entry in (*bundle.students, head):  # reported by Triton's ModelConfig: an aggregator confirms the model
+        configs[entry.name].parameters["sha256"].string_value = entry.sha256
     clash = {ENSEMBLE_NAME, FEATURES_MODEL} & ({s.name for s in bundle.students} | {head.name})
     if clash:
         raise ValueError(f"model name(s) {sorted(clash)} of the bundle clash with the repository's own {ENSEMBLE_NAME!r}/{FEATURES_MODEL!r}")

@@ -27,18 +27,22 @@ import numpy as np
 from nonn.runtime.aioloop import BlockingFacade
 from nonn.runtime.arrays import numpy_dtype
 from nonn.runtime.backends import DEFAULT_MAX_BATCH
+from nonn.runtime.checks import at_least
 from nonn.runtime.codec import TensorError, bytes_per_item, check_shape
 from nonn.runtime.coalescing import Coalescer
-from nonn.runtime.device_client import TRANSPORTS, DeviceClient
+from nonn.runtime.device_client import TRANSPORTS, DeviceClient, DeviceOutcome
 from nonn.runtime.ensemble import EnsembleSpec, StudentRoute, parse_endpoints
+from nonn.runtime.health import DeviceHealth, HealthEvent
 from nonn.runtime.onnx_model import OnnxModel
 from nonn.runtime.preprocessing import preprocess_images
+from nonn.runtime.replicas import ReplicaSet
 from nonn.runtime.retry import Backoff, Deadline
 from nonn.runtime.tls import ClientTLS
 
 __all__ = [
     "TRANSPORTS",
     "AggregationError",
+    "DeviceMismatchError",
     "AggregateResult",
     "Aggregator",
     # Defined elsewhere, importable from here as before:
@@ -58,13 +62,20 @@ class AggregationError(RuntimeError):
     """Too few devices answered (any missing one in strict mode); names each device's problem."""
 
 
+class DeviceMismatchError(ValueError):
+    """A device serves another model than the bundle names (name, inputs/outputs or sha256)."""
+
+
 @dataclass
 class AggregateResult:
-    """One aggregated answer: logits plus, per device, whether it contributed and what it cost.
+    """One aggregated answer: logits, which students contributed, and per device what it cost.
 
-    bytes_sent / bytes_received are serialized protobuf sizes of the ModelInfer request and reply
-    for each device, summed over attempts; an attempt that found no connection (UNAVAILABLE)
-    sent nothing and is not counted.
+    Per student (in group order): `contributed`, and `answered_by`, the index of the device whose
+    features were used. Per device (student by student, each student's replicas in a row; one
+    device per student without replication): `devices` (endpoints), `bytes_sent` /
+    `bytes_received` (serialized protobuf sizes of the ModelInfer requests and replies, summed
+    over attempts; an attempt that found no connection sent nothing), `device_latency_s`,
+    `attempts`, `errors`, and `skipped` (the device was down and not called).
     """
 
     logits: np.ndarray
@@ -76,6 +87,8 @@ class AggregateResult:
     attempts: list[int]
     errors: list[str | None]
     devices: list[str] = field(default_factory=list)
+    answered_by: list[int | None] = field(default_factory=list)
+    skipped: list[bool] = field(default_factory=list)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -86,27 +99,27 @@ class AggregateResult:
         return not all(self.contributed)
 
     def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        answering = set(d for d in self.answered_by if d is not None)
         out: dict[str, Any] = {
             "predictions": self.predictions.tolist(),
             "logits": self.logits.tolist(),
             "degraded": self.degraded,
+            "contributed": list(self.contributed),
             "latency_ms": self.latency_s * 1e3,
             "devices": [
                 {
                     "endpoint": endpoint,
-                    "contributed": ok,
-                    "bytes_sent": sent,
-                    "bytes_received": received,
-                    "latency_ms": None if lat is None else lat * 1e3,
-                    "attempts": attempts,
-                    "error": error,
+                    "answered": d in answering,
+                    "skipped": bool(self.skipped[d]) if self.skipped else False,
+                    "bytes_sent": self.bytes_sent[d],
+                    "bytes_received": self.bytes_received[d],
+                    "latency_ms": None if self.device_latency_s[d] is None else self.device_latency_s[d] * 1e3,
+                    "attempts": self.attempts[d],
+                    "error": self.errors[d],
                 }
-                for endpoint, ok, sent, received, lat, attempts, error in zip(
-                    self.devices, self.contributed, self.bytes_sent, self.bytes_received,
-                    self.device_latency_s, self.attempts, self.errors,
-                )
+                for d, endpoint in enumerate(self.devices)
             ],
-        }  # fmt: skip
+        }
         if class_names:
             out["labels"] = [class_names[i] for i in out["predictions"]]
         return out
@@ -127,11 +140,16 @@ class AggregateResult:
 class Aggregator(BlockingFacade):
     """Serve the ensemble by fanning requests out to K devices and applying the head locally.
 
-    `bundle`: a Bundle, a bundle directory, or an EnsembleSpec. `endpoints`: one "host:port"
-    per student in student order (list or comma string) or {student name: endpoint}.
-    `deadline_s` bounds each device's exchange (all retries included), `retries` is the number of
-    extra attempts after UNAVAILABLE. `strict` turns a missing device into AggregationError;
-    otherwise fewer than `min_contributing` devices is the only failure. `coalesce` > 1 merges
+    `bundle`: a Bundle, a bundle directory, or an EnsembleSpec. `endpoints`: `replicas` "host:port"
+    per student in student order (list or comma string: student 0's replicas first), or
+    {student name: endpoint or list of endpoints}. `deadline_s` bounds each device's exchange
+    (all retries included), `retries` is the number of extra attempts after UNAVAILABLE. A device
+    that fails `failures_to_down` calls in a row (or cannot be reached at all) is skipped until a
+    health check finds it serving again (`nonn.runtime.health`). With replicas, each request for a
+    student goes to its healthiest device and, with `hedge`, also to a second one when the first
+    is slower than usual (`nonn.runtime.replicas`). `strict` turns a missing student into
+    AggregationError (at once while all its devices are down); otherwise fewer than
+    `min_contributing` students is the only failure. `coalesce` > 1 merges
     requests that queue up behind `pipeline` in-flight fan-outs into one call per device (up to
     `coalesce` images): fewer, larger calls under load, no added wait when idle. `transport`:
     "auto" streams to each device that offers ModelStreamInfer and calls the others with
@@ -160,18 +178,20 @@ class Aggregator(BlockingFacade):
         coalesce: int = 1,
         pipeline: int = 2,
         transport: str = "auto",
+        replicas: int = 1,
+        hedge: bool = True,
+        failures_to_down: int = 3,
     ) -> None:
         self.spec = bundle if isinstance(bundle, EnsembleSpec) else EnsembleSpec.from_bundle(bundle)
         if not self.spec.students:
             raise ValueError("the ensemble has no students")
         self.routes = list(self.spec.students)
-        self.endpoints = parse_endpoints(endpoints, [r.name for r in self.routes])
+        self.replicas = int(replicas)
+        self.endpoints = parse_endpoints(endpoints, [r.name for r in self.routes], self.replicas)
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be positive, got {deadline_s}")
-        if retries < 0:
-            raise ValueError(f"retries must be 0 or more, got {retries}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        at_least(0, retries=retries)
+        at_least(1, max_batch=max_batch, replicas=replicas, failures_to_down=failures_to_down)
         if not 0 <= min_contributing <= len(self.routes):
             raise ValueError(f"min_contributing must be in 0..{len(self.routes)}, got {min_contributing}")
         if not 1 <= coalesce <= max_batch:
@@ -187,6 +207,8 @@ class Aggregator(BlockingFacade):
         self.min_contributing = int(min_contributing)
         self.coalesce = int(coalesce)
         self.transport = transport
+        self.hedge = bool(hedge)
+        self.failures_to_down = int(failures_to_down)
         self._coalescer = Coalescer(self._fan_out, self.coalesce, pipeline) if self.coalesce > 1 else None
 
         first = self.routes[0].input
@@ -219,6 +241,9 @@ class Aggregator(BlockingFacade):
         self.max_message_bytes = item * self.max_batch + _MESSAGE_SLACK if item else _FALLBACK_MESSAGE_BYTES
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.devices: list[DeviceClient] = []
+        self.students: list[ReplicaSet] = []
+        # Each device's changes of state (down, half-open, healthy), in order, for reports.
+        self.health_events: list[HealthEvent] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
 
@@ -230,7 +255,7 @@ class Aggregator(BlockingFacade):
             # Notice a restarted device quickly instead of waiting out gRPC's default backoff.
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.max_reconnect_backoff_ms", 500),
             ("grpc.enable_retries", 0),
         ]
         if self.tls is not None:
@@ -247,10 +272,16 @@ class Aggregator(BlockingFacade):
         self._loop = loop
         for endpoint in dict.fromkeys(self.endpoints):
             self._channels[endpoint] = self._channel(endpoint)
-        self.devices = [
-            DeviceClient(route, endpoint, self._channels[endpoint], transport=self.transport, retries=self.retries, backoff=self.backoff)
-            for route, endpoint in zip(self.routes, self.endpoints)
-        ]
+        self.devices = []
+        for d, endpoint in enumerate(self.endpoints):
+            route = self.routes[d // self.replicas]
+            health = DeviceHealth(f"{route.name} at {endpoint}", self.failures_to_down, on_event=self.health_events.append)
+            self.devices.append(DeviceClient(route, endpoint, self._channels[endpoint], transport=self.transport,
+                                             retries=self.retries, backoff=self.backoff, health=health))  # fmt: skip
+        R = self.replicas
+        self.students = [ReplicaSet(self.devices[k * R : (k + 1) * R], self.hedge) for k in range(len(self.routes))]
+        for device in self.devices:
+            device.watch_health()
 
     async def close(self) -> None:
         if self._coalescer is not None:
@@ -285,11 +316,33 @@ class Aggregator(BlockingFacade):
         return [device.unmatched_replies for device in self.devices] or [0] * len(self.endpoints)
 
     async def check_devices(self, timeout_s: float | None = None) -> list[str]:
-        """Ask every device for its model's metadata; list every mismatch with this ensemble."""
+        """Ask every device what it serves; list every device that is unreachable or serves
+        another model than the bundle names (name, inputs/outputs, sha256 where reported)."""
+        checks = await self._verifications(timeout_s)
+        return [c.message for c in checks if c.status in ("mismatch", "unreachable")]
+
+    async def verify_devices(self, timeout_s: float | None = None) -> list[str]:
+        """Confirm every device serves the student the bundle names; DeviceMismatchError naming
+        each one that does not. Returns warnings: devices that could not be reached (checked
+        again when they rejoin) or that do not report their model's sha256."""
+        checks = await self._verifications(timeout_s)
+        mismatches = [c.message for c in checks if c.status == "mismatch"]
+        if mismatches:
+            raise DeviceMismatchError("; ".join(mismatches))
+        return [c.message for c in checks if c.status in ("unreachable", "unconfirmed")]
+
+    async def _verifications(self, timeout_s: float | None) -> list[Any]:
         await self.start()
         timeout_s = self.deadline_s if timeout_s is None else timeout_s
-        results = await asyncio.gather(*(device.metadata_problems(timeout_s) for device in self.devices))
-        return [problem for problems in results for problem in problems]
+        return list(await asyncio.gather(*(device.verify(timeout_s) for device in self.devices)))
+
+    def health(self) -> list[dict[str, Any]]:
+        """Each device's breaker now: state, since when (monotonic s), why, requests skipped."""
+        return [
+            {"device": d.name, "state": d.health.state.value, "since": d.health.since, "reason": d.health.reason,
+             "skipped": d.health.skipped}
+            for d in self.devices
+        ]  # fmt: skip
 
     # -- inference ---------------------------------------------------------------------------
     def _validate(self, batch: np.ndarray) -> np.ndarray:
@@ -320,33 +373,59 @@ class Aggregator(BlockingFacade):
             return await self._fan_out(batch)
         return await self._coalescer.submit(batch)
 
+    def _refuse_if_strict(self) -> None:
+        """Strict mode fails at once while every device of some student is down."""
+        out = [rs for rs in self.students if not any(c.health.available() for c in rs.clients)]
+        if out:
+            for client in (c for rs in out for c in rs.clients):
+                client.health.skipped += 1
+            why = "; ".join(f"{c.name}: {c.health.why_skipped()}" for rs in out for c in rs.clients)
+            raise AggregationError(f"strict mode: {why}")
+
     async def _fan_out(self, batch: np.ndarray) -> AggregateResult:
-        """One concurrent call per device for `batch`, then the head."""
+        """Ask every student for `batch` at once (one device each, or its replicas), then the head."""
+        if self.strict:
+            self._refuse_if_strict()
         started = time.perf_counter()
         raw = batch.tobytes()
         request_id = str(next(self._ids))
         loop = asyncio.get_running_loop()
         deadline = Deadline(loop, self.deadline_s)
-        calls = [loop.create_task(device.call(batch.shape, raw, request_id, deadline)) for device in self.devices]
-        deadline.guard(calls)
-        try:
-            outcomes = await asyncio.gather(*calls)
-        finally:
-            deadline.disarm()
-        contributed = [o.features is not None for o in outcomes]
-        missing = [f"{d.name}: {o.error}" for d, o in zip(self.devices, outcomes) if o.features is None]
-        if missing and (self.strict or sum(contributed) < self.min_contributing):
-            why = "strict mode" if self.strict else f"fewer than {self.min_contributing} device(s) answered"
-            raise AggregationError(f"{why}: " + "; ".join(missing))
+        if self.replicas == 1:
+            calls = [loop.create_task(device.call(batch.shape, raw, request_id, deadline)) for device in self.devices]
+            deadline.guard(calls)
+            try:
+                outcomes: list[DeviceOutcome] = list(await asyncio.gather(*calls))
+            finally:
+                deadline.disarm()
+            answered_by = [d if o.features is not None else None for d, o in enumerate(outcomes)]
+        else:
+            deadline.guard([])  # each student's replica calls register themselves
+            try:
+                asked = await asyncio.gather(*(rs.ask(batch.shape, raw, request_id, deadline) for rs in self.students))
+            finally:
+                deadline.disarm()
+            R = self.replicas
+            answered_by = [None if winner is None else k * R + winner for k, (winner, _) in enumerate(asked)]
+            outcomes = [o for _, replica_outcomes in asked for o in replica_outcomes]
+        contributed = [d is not None for d in answered_by]
+        if not all(contributed):
+            R = self.replicas
+            missing = [
+                "; ".join(f"{self.devices[d].name}: {outcomes[d].error}" for d in range(k * R, (k + 1) * R))
+                for k, ok in enumerate(contributed) if not ok
+            ]  # fmt: skip
+            if self.strict or sum(contributed) < self.min_contributing:
+                why = "strict mode" if self.strict else f"fewer than {self.min_contributing} student(s) answered"
+                raise AggregationError(f"{why}: " + "; ".join(missing))
+            log.debug("degraded answer: %s", "; ".join(missing))
         dtype = numpy_dtype(self.head_input.datatype)
         parts = [
-            o.features.astype(dtype, copy=False) if o.features is not None else np.zeros((batch.shape[0], r.feature_size), dtype)
-            for r, o in zip(self.routes, outcomes)
+            outcomes[d].features.astype(dtype, copy=False) if d is not None else np.zeros((batch.shape[0], r.feature_size), dtype)
+            for r, d in zip(self.routes, answered_by)
         ]
         head_in = np.concatenate(parts, axis=1)
         logits = self.head.run({self.head_input.name: head_in})[self.head_output.name]
-        if missing:
-            log.debug("degraded answer: %s", "; ".join(missing))
         return AggregateResult(
             logits=logits,
             contributed=contributed,
@@ -357,6 +436,8 @@ class Aggregator(BlockingFacade):
             attempts=[o.attempts for o in outcomes],
             errors=[o.error for o in outcomes],
             devices=list(self.endpoints),
+            answered_by=answered_by,
+            skipped=[o.skipped for o in outcomes],
         )
 
     # -- blocking use (a private event loop thread carries the channels) ---------------------
@@ -366,3 +447,6 @@ class Aggregator(BlockingFacade):
 
     def check_devices_sync(self, timeout_s: float | None = None) -> list[str]:
         return self.blocking(self.check_devices(timeout_s))
+
+    def verify_devices_sync(self, timeout_s: float | None = None) -> list[str]:
+        return self.blocking(self.verify_devices(timeout_s))

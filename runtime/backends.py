@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
+from nonn.runtime.checks import at_least
 from nonn.runtime.codec import RawTensor
 from nonn.runtime.datatypes import TensorSpec
 
@@ -37,7 +38,8 @@ class ModelBackend(abc.ABC):
 
     `concurrency` is how many requests the backend runs at once; the server sizes its handler
     thread pool from it. Inputs arrive as validated RawTensors (bytes as the wire carried
-    them); `nonn.runtime.arrays.to_array` views one as a numpy array.
+    them); `nonn.runtime.arrays.to_array` views one as a numpy array. `sha256`, when known, is
+    the model file's, reported in the model configuration so clients can confirm the model.
     """
 
     name: str
@@ -47,6 +49,7 @@ class ModelBackend(abc.ABC):
     outputs: list[TensorSpec]
     max_batch: int = DEFAULT_MAX_BATCH
     concurrency: int = 1
+    sha256: str | None = None
 
     @abc.abstractmethod
     def infer(self, inputs: dict[str, RawTensor], outputs: list[str]) -> InferOutput:
@@ -71,12 +74,10 @@ class OnnxBackend(ModelBackend):
     def __init__(self, model: TensorModel, name: str, max_batch: int = DEFAULT_MAX_BATCH, workers: int = 1) -> None:
         if not name:
             raise ValueError("a served model needs a non-empty name")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
+        at_least(1, max_batch=max_batch, workers=workers)
         self.model = model
         self.name = name
+        self.sha256 = getattr(model, "sha256", None)
         self.inputs = list(model.inputs)
         self.outputs = list(model.outputs)
         self.max_batch = max_batch

@@ -14,6 +14,8 @@ from typing import Awaitable, Callable, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from nonn.runtime.checks import at_least
+
 __all__ = ["Coalescer", "Rows"]
 
 
@@ -30,10 +32,7 @@ class Coalescer(Generic[R]):
     """Queue requests behind `pipeline` runs of `run`, merging queued ones up to `limit` rows."""
 
     def __init__(self, run: Callable[[np.ndarray], Awaitable[R]], limit: int, pipeline: int) -> None:
-        if limit < 1:
-            raise ValueError(f"coalesce must be at least 1, got {limit}")
-        if pipeline < 1:
-            raise ValueError(f"pipeline must be at least 1, got {pipeline}")
+        at_least(1, coalesce=limit, pipeline=pipeline)
         self._run = run
         self.limit = limit
         self.pipeline = pipeline

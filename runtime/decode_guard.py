@@ -62,11 +62,16 @@ class DecodeGuard(grpc.ServerInterceptor):
                 return UndecodableRequest(message_name, exc)
 
         def guarded(behavior):
-            def call(request, context):
+            def call(request, context, *callbacks):
                 if isinstance(request, UndecodableRequest):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
-                return behavior(request, context)
+                return behavior(request, context, *callbacks)
 
+            # A handler that sends its responses through a callback (grpc.health.v1 Watch) stays
+            # one: it then holds no server thread for as long as a client watches.
+            for name in ("experimental_non_blocking", "experimental_thread_pool"):
+                if hasattr(behavior, name):
+                    setattr(call, name, getattr(behavior, name))
             return call
 
         def guarded_stream(behavior):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from nonn.runtime.checks import at_least
 from nonn.runtime.datatypes import TensorSpec
 
 __all__ = ["StudentRoute", "EnsembleSpec", "parse_endpoints"]
@@ -14,11 +15,13 @@ __all__ = ["StudentRoute", "EnsembleSpec", "parse_endpoints"]
 
 @dataclass(frozen=True)
 class StudentRoute:
-    """What the aggregator needs to call one student: its model name and tensor specs."""
+    """What the aggregator needs to call one student: its model name, tensor specs and, when
+    known, the sha256 of its model file (to confirm a device serves this very model)."""
 
     name: str
     input: TensorSpec
     output: TensorSpec
+    sha256: str | None = None
 
     @property
     def feature_size(self) -> int:
@@ -41,24 +44,38 @@ class EnsembleSpec:
             from nonn.runtime.bundle import Bundle
 
             bundle = Bundle.load(bundle)
-        routes = tuple(StudentRoute(s.name, s.input, s.output) for s in bundle.students)
+        routes = tuple(StudentRoute(s.name, s.input, s.output, s.sha256) for s in bundle.students)
         return cls(routes, Path(bundle.path_of(bundle.head)), bundle.head.sha256, tuple(bundle.class_names))
 
 
-def parse_endpoints(endpoints: str | Sequence[str] | Mapping[str, str], names: Sequence[str]) -> list[str]:
-    """One "host:port" per student, in student order, from a comma list, a list or {name: endpoint}."""
+def parse_endpoints(
+    endpoints: str | Sequence[str] | Mapping[str, str | Sequence[str]], names: Sequence[str], replicas: int = 1
+) -> list[str]:
+    """`replicas` "host:port" per student, student by student (student 0's replicas first).
+
+    From a comma list, a list, or {student name: endpoint or list of endpoints}.
+    """
+    at_least(1, replicas=replicas)
     if isinstance(endpoints, str):
         endpoints = [e.strip() for e in endpoints.split(",") if e.strip()]
     if isinstance(endpoints, Mapping):
         missing = [n for n in names if n not in endpoints]
         if missing:
             raise ValueError(f"no endpoint for student(s) {missing}; got endpoints for {sorted(endpoints)}")
-        endpoints = [endpoints[n] for n in names]
+        flat: list[str] = []
+        for n in names:
+            given = endpoints[n]
+            given = [given] if isinstance(given, str) else list(given)
+            if len(given) != replicas:
+                raise ValueError(f"student {n}: {len(given)} endpoint(s), expected {replicas} (one per replica)")
+            flat += given
+        endpoints = flat
     endpoints = list(endpoints)
-    if len(endpoints) != len(names):
+    if len(endpoints) != len(names) * replicas:
+        each = "one host:port per student" if replicas == 1 else f"{replicas} host:port per student (its replicas)"
         raise ValueError(
             f"{len(endpoints)} device endpoint(s) for {len(names)} students ({', '.join(names)}); "
-            "give one host:port per student, in student order"
+            f"give {each}, in student order"
         )
     for endpoint in endpoints:
         host, sep, port = endpoint.rpartition(":")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from nonn.runtime.aggregator import AggregationError, Aggregator
 from nonn.runtime.arrays import to_array
 from nonn.runtime.backends import BackendUnavailable, InferOutput, ModelBackend
+from nonn.runtime.checks import at_least
 from nonn.runtime.codec import RawTensor
 from nonn.runtime.datatypes import TensorSpec
 
@@ -24,8 +25,7 @@ class AggregatorBackend(ModelBackend):
     def __init__(self, aggregator: Aggregator, name: str = "ensemble", concurrency: int = 32) -> None:
         if not name:
             raise ValueError("a served model needs a non-empty name")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        at_least(1, concurrency=concurrency)
         self.aggregator = aggregator
         self.name = name
         self.inputs = [aggregator.input_spec]

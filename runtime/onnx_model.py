@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from nonn.artifacts import ArtifactError
 from nonn.runtime.arrays import from_array, to_array
+from nonn.runtime.checks import at_least
 from nonn.runtime.codec import RawTensor
 from nonn.runtime.datatypes import TensorSpec, datatype_from_onnx
 from nonn.runtime.ort_capi import ModelIntegrityError, read_verified
@@ -41,8 +42,7 @@ class OnnxModel:
         memory_arena: bool = False,
     ) -> None:
         self.path = Path(path)
-        if threads < 1:
-            raise ValueError(f"threads must be at least 1, got {threads}")
+        at_least(1, threads=threads)
         data, self.sha256 = read_verified(self.path, expected_sha256)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

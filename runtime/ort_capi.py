@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from nonn.artifacts import ArtifactError
+from nonn.runtime.checks import at_least
 from nonn.runtime.codec import RawTensor
 from nonn.runtime.datatypes import DATATYPES, TensorError, TensorSpec, datatype_from_element, itemsize
 
@@ -223,8 +224,7 @@ class CApiModel:
         expected_sha256: str | None = None,
         memory_arena: bool = False,
     ) -> None:
-        if threads < 1:
-            raise ValueError(f"threads must be at least 1, got {threads}")
+        at_least(1, threads=threads)
         self.path = Path(path)
         data, self.sha256 = read_verified(self.path, expected_sha256)
         self.threads = threads

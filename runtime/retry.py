@@ -48,6 +48,12 @@ class Deadline:
         self._tasks = tasks
         self._timer = self.loop.call_at(self.at, self._expire)
 
+    def watch(self, task: asyncio.Task) -> None:
+        """Also cancel `task` when the deadline passes (a call started after guard())."""
+        if self.expired:
+            task.cancel()
+        self._tasks.append(task)
+
     def _expire(self) -> None:
         self.expired = True
         for task in self._tasks:

@@ -16,16 +16,19 @@ import grpc
 
 from nonn import __version__
 from nonn.runtime.backends import BackendUnavailable, ModelBackend
+from nonn.runtime.checks import at_least
 from nonn.runtime.codec import TensorError, decode_request_inputs, make_parameter, output_tensor, requested_outputs, tensor_metadata
 from nonn.runtime.datatypes import TensorSpec
 from nonn.runtime.decode_guard import UndecodableRequest
 from nonn.runtime.protocol import model_config_pb2, pb, service_pb2_grpc
 
-__all__ = ["SERVICE_NAME", "DEFAULT_MAX_STREAMS", "RequestError", "InferenceServicer"]
+__all__ = ["SERVICE_NAME", "SHA256_PARAMETER", "DEFAULT_MAX_STREAMS", "RequestError", "InferenceServicer"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+# The model configuration parameter that carries the sha256 of the served model file.
+SHA256_PARAMETER = "sha256"
 # Open ModelStreamInfer streams a server accepts at once; each holds a handler thread.
 DEFAULT_MAX_STREAMS = 8
 
@@ -73,8 +76,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.backends = {backend.name: backend for backend in backends}
         if len(self.backends) != len(backends):
             raise ValueError(f"model names repeat: {[b.name for b in backends]}")
-        if max_streams < 0:
-            raise ValueError(f"max_streams must be 0 or more, got {max_streams}")
+        at_least(0, max_streams=max_streams)
         self.server_name = server_name
         self.ready = False
         self.stopping = False
@@ -149,6 +151,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             input=tensors(model_config_pb2.ModelInput, backend.inputs),
             output=tensors(model_config_pb2.ModelOutput, backend.outputs),
         )
+        if backend.sha256:  # which model file this is: a client can check it against its bundle
+            config.parameters[SHA256_PARAMETER].string_value = backend.sha256
         return pb.ModelConfigResponse(config=config)
 
     # -- inference --------------------------------------------------------------------------
@@ -245,16 +249,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if not state.busy:
                 context.cancel()
 
-    # -- optional parts of the protocol this server does not offer ----------------------------
-    ModelStatistics = _not_supported("ModelStatistics")
-    RepositoryIndex = _not_supported("RepositoryIndex")
-    RepositoryModelLoad = _not_supported("RepositoryModelLoad")
-    RepositoryModelUnload = _not_supported("RepositoryModelUnload")
-    SystemSharedMemoryStatus = _not_supported("SystemSharedMemoryStatus")
-    SystemSharedMemoryRegister = _not_supported("SystemSharedMemoryRegister")
-    SystemSharedMemoryUnregister = _not_supported("SystemSharedMemoryUnregister")
-    CudaSharedMemoryStatus = _not_supported("CudaSharedMemoryStatus")
-    CudaSharedMemoryRegister = _not_supported("CudaSharedMemoryRegister")
-    CudaSharedMemoryUnregister = _not_supported("CudaSharedMemoryUnregister")
-    TraceSetting = _not_supported("TraceSetting")
-    LogSettings = _not_supported("LogSettings")
+
+# The optional parts of the protocol this server does not offer: UNIMPLEMENTED, with a message.
+for _method in (
+    "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+    "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings",
+):  # fmt: skip
+    setattr(InferenceServicer, _method, _not_supported(_method))
+del _method

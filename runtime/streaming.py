@@ -149,6 +149,11 @@ class DeviceStream:
         finally:
             if self._pending.get(request.id) is entry:
                 del self._pending[request.id]
+            if future.done() and not future.cancelled():
+                # The stream may have failed this future while the write itself failed: the
+                # write's error is the one raised, and this one is consumed here rather than
+                # reported later as "Future exception was never retrieved".
+                future.exception()
 
     async def close(self) -> None:
         if self._current is not None:

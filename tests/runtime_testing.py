@@ -241,3 +241,23 @@ def server_live(address: str, credentials=None) -> bool:
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
             return False
+
+
+def spawn_device(bundle, student: str, ready: Path, port: int = 0):
+    """`nonn serve` of one student of `bundle` as its own process; returns once its ready file exists."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    ready.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "nonn", "serve", "--bundle", str(bundle.root), "--student", student,
+           "--port", str(port), "--ready-file", str(ready)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read().decode())
+        assert time.monotonic() < deadline, "device did not start"
+        time.sleep(0.05)
+    return proc

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import queue
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -24,7 +22,7 @@ from nonn.runtime.preprocessing import preprocess_images
 from nonn.runtime.onnx_model import OnnxModel
 from nonn.runtime.server import DeviceServer, InferenceServicer, InferOutput, ModelBackend, OnnxBackend, RequestError, student_backend
 
-from runtime_testing import free_port, random_images, reference_logits, started, tiny_student
+from runtime_testing import free_port, random_images, reference_logits, spawn_device, started, tiny_student
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -68,13 +66,20 @@ def test_down_device_degrades_or_fails_in_strict_mode(bundle, devices):
     x = batch(3)
     with Aggregator(bundle, endpoints, deadline_s=2, retries=1) as agg:
         result = agg.infer_sync(x)
-    assert result.contributed == [True, True, False, True]
-    assert result.attempts[2] == 2 and "UNAVAILABLE" in result.errors[2]
-    assert result.bytes_sent[2] == result.bytes_received[2] == 0  # nothing reached a server
-    np.testing.assert_allclose(result.logits, reference_logits(bundle, x, missing={2}), rtol=1e-5, atol=1e-5)
+        # Nobody listens: the device is down at once, not retried, and skipped from then on.
+        assert "UNAVAILABLE" in result.errors[2] and "the device is down" in result.errors[2]
+        again = agg.infer_sync(x)
+        assert again.skipped == [False, False, True, False] and again.attempts[2] == 0
+        assert "skipped: the device is down" in again.errors[2]
+    for r in (result, again):
+        assert r.contributed == [True, True, False, True]
+        assert r.bytes_sent[2] == r.bytes_received[2] == 0  # nothing reached a server
+        np.testing.assert_allclose(r.logits, reference_logits(bundle, x, missing={2}), rtol=1e-5, atol=1e-5)
     with Aggregator(bundle, endpoints, deadline_s=2, retries=0, strict=True) as agg:
         with pytest.raises(AggregationError, match="student_2"):
             agg.infer_sync(x)
+        with pytest.raises(AggregationError, match="strict mode: student_2 at .*: skipped: the device is down"):
+            agg.infer_sync(x)  # fails at once while the device is down
 
 
 class SlowBackend(ModelBackend):
@@ -180,18 +185,6 @@ def test_wrong_reply_shape_is_not_used(bundle, devices, tmp_path):
         assert "bad reply" in result.errors[3] and "[2, 3]" in result.errors[3]
     finally:
         wrong.stop(0)
-
-
-def spawn_device(bundle, student: str, ready: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "nonn", "serve", "--bundle", str(bundle.root), "--student", student, "--port", "0", "--ready-file", str(ready)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read().decode())
-        assert time.monotonic() < deadline, "device did not start"
-        time.sleep(0.05)
-    return proc
 
 
 def test_device_killed_mid_stream_gives_degraded_answers_and_loses_nothing(bundle, devices, tmp_path):

@@ -92,6 +92,21 @@ def test_grpc_health_serving(server):
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_health_watches_hold_no_handler_thread(model_path):
+    """Clients that watch a device's health (every aggregator does) must not use up its threads."""
+    server = started(DeviceServer(OnnxBackend(OnnxModel(model_path), "student_0"), handler_threads=2, max_streams=1))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            watches = [health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=20) for _ in range(8)]
+            assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in watches)
+            reply = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(good_request(np.ones((1, *SHAPE), np.float32)), timeout=10)
+            assert list(reply.outputs[0].shape) == [1, FEATURES]
+            for w in watches:
+                w.cancel()
+    finally:
+        server.stop(0)
+
+
 def test_typed_contents_are_accepted(stub, model_path):
     x = np.random.default_rng(1).random((2, *SHAPE), dtype=np.float32)
     request = pb.ModelInferRequest(model_name="student_0")

@@ -7,21 +7,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import time
 from pathlib import Path
 
 from nonn.cli import CLIError
 from nonn.cli.common import add_transport_arg, non_negative_float, non_negative_int, positive_float, positive_int
+
+log = logging.getLogger("nonn.serve")
 
 DEFAULT_PORT = 8001
 DEFAULT_MAX_STREAMS = 8  # nonn.runtime.server.DEFAULT_MAX_STREAMS, without importing grpc to build the parser
 
 
 def _add_aggregator_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, max_batch: bool = True) -> None:
-    p.add_argument("--devices", default=None, help="one host:port per student, in student order, comma-separated")
+    p.add_argument("--devices", default=None, help="one host:port per student, in student order, comma-separated "
+                   "(with --replicas R: R per student, each student's replicas in a row)")
+    p.add_argument("--replicas", type=positive_int, default=1, help="devices serving each student (default: 1); a request "
+                   "goes to the healthiest one, and to a second one when the first is slower than usual")
+    p.add_argument("--no-hedge", action="store_true", help="with --replicas: never send a request to a second replica "
+                   "because the first is slow (failing replicas are still replaced)")
     p.add_argument("--deadline", type=positive_float, default=1.0, help="seconds a device has to answer, retries included (default: 1.0)")
     p.add_argument("--retries", type=non_negative_int, default=2, help="extra attempts when a device is UNAVAILABLE (default: 2)")
-    p.add_argument("--strict", action="store_true", help="fail a request when any device misses it (default: answer with zeros for that student)")
+    p.add_argument("--strict", action="store_true", help="fail a request when any student is missing, at once while its "
+                   "devices are down (default: answer with zeros for that student)")
     add_transport_arg(p)
     if max_batch:
         p.add_argument("--max-batch", type=positive_int, default=64, help="largest batch per request (default: 64)")
@@ -112,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise CLIError(f"--port must be in 0..65535, got {args.port}")
     tls = ServerTLS.from_args(args.tls_cert, args.tls_key, args.tls_client_ca)
     if args.aggregate:
-        from nonn.runtime.aggregator import Aggregator
+        from nonn.runtime.aggregator import Aggregator, DeviceMismatchError
         from nonn.runtime.ensemble_backend import AggregatorBackend
 
         if args.bundle is None or args.devices is None:
@@ -130,8 +140,16 @@ def _serve(args: argparse.Namespace) -> int:
             head_threads=args.threads,
             coalesce=args.coalesce,
             transport=args.transport,
+            replicas=args.replicas,
+            hedge=not args.no_hedge,
         )
         backend = AggregatorBackend(aggregator, name=args.name or "ensemble")
+        try:
+            for warning in aggregator.verify_devices_sync():
+                log.warning("%s", warning)
+        except DeviceMismatchError as exc:
+            backend.close()
+            raise CLIError(f"a device serves another model than the bundle names: {exc}") from None
     elif args.bundle is not None:
         if args.model is not None:
             raise CLIError("give either --bundle with --student, or --model with --name, not both")
@@ -178,12 +196,12 @@ def _infer(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from nonn.runtime.aggregator import Aggregator
-    from nonn.runtime.preprocessing import preprocess_images
+    from nonn.runtime.aggregator import AggregationError, Aggregator, DeviceMismatchError
     from nonn.runtime.bundle import Bundle
+    from nonn.runtime.preprocessing import preprocess_images
 
     if args.devices is None:
-        raise CLIError("--devices host:port,... is required (one per student, in student order)")
+        raise CLIError("--devices host:port,... is required (one per student, in student order; R per student with --replicas R)")
     if args.batch_size > args.max_batch:
         raise CLIError(f"--batch-size must be in 1..{args.max_batch} (--max-batch), got {args.batch_size}")
     bundle = Bundle.load(args.bundle)
@@ -200,26 +218,38 @@ def _infer(args: argparse.Namespace) -> int:
         if len(labels) != len(x):
             raise ValueError(f"{len(labels)} labels for {len(x)} images")
 
-    k = bundle.num_students
+    per_device = bundle.num_students * args.replicas
     predictions: list[int] = []
-    contributed = np.zeros(k, dtype=np.int64)
-    sent = np.zeros(k, dtype=np.int64)
-    received = np.zeros(k, dtype=np.int64)
+    answered = np.zeros(per_device, dtype=np.int64)  # images each device's features went into
+    skipped = np.zeros(per_device, dtype=np.int64)  # batches a device was skipped for (down)
+    sent = np.zeros(per_device, dtype=np.int64)
+    received = np.zeros(per_device, dtype=np.int64)
     latencies: list[float] = []
     degraded_batches = 0
     errors: dict[str, str] = {}
     with Aggregator(
         bundle, args.devices, deadline_s=args.deadline, retries=args.retries, strict=args.strict,
         tls=_client_tls(args, "tls"), max_batch=args.max_batch, transport=args.transport,
+        replicas=args.replicas, hedge=not args.no_hedge,
     ) as aggregator:  # fmt: skip
-        for problem in aggregator.check_devices_sync():
-            print(f"nonn infer: warning: {problem}", file=sys.stderr)
+        try:
+            for warning in aggregator.verify_devices_sync():
+                print(f"nonn infer: warning: {warning}", file=sys.stderr)
+        except DeviceMismatchError as exc:
+            raise CLIError(f"a device serves another model than the bundle names: {exc}") from None
+        started = time.monotonic()
         starts = range(0, len(x), args.batch_size)
         for start in tqdm(starts, desc="infer", unit="batch", disable=args.json or len(starts) < 2, file=sys.stderr):
-            result = aggregator.infer_sync(x[start : start + args.batch_size])
+            try:
+                result = aggregator.infer_sync(x[start : start + args.batch_size])
+            except AggregationError as exc:
+                raise CLIError(str(exc)) from None
             predictions.extend(int(p) for p in result.predictions)
             n = len(result.logits)
-            contributed += np.asarray(result.contributed, dtype=np.int64) * n
+            for d in result.answered_by:
+                if d is not None:
+                    answered[d] += n
+            skipped += np.asarray(result.skipped, dtype=np.int64)
             sent += result.bytes_sent
             received += result.bytes_received
             latencies.append(result.latency_s)
@@ -229,6 +259,7 @@ def _infer(args: argparse.Namespace) -> int:
                     errors[endpoint] = error
         endpoints = aggregator.endpoints
         transports = aggregator.transports
+        events = [e.to_dict(since=started) for e in aggregator.health_events]
     n_images = len(predictions)
     report = {
         "images": n_images,
@@ -240,16 +271,18 @@ def _infer(args: argparse.Namespace) -> int:
         "latency_ms_p50": float(np.percentile(latencies, 50) * 1e3) if latencies else None,
         "devices": [
             {
-                "student": s.name,
+                "student": bundle.students[d // args.replicas].name,
                 "endpoint": endpoint,
-                "transport": transport,
-                "contributed_images": int(c),
-                "bytes_sent_per_image": float(b_out / max(n_images, 1)),
-                "bytes_received_per_image": float(b_in / max(n_images, 1)),
+                "transport": transports[d],
+                "contributed_images": int(answered[d]),
+                "skipped_batches": int(skipped[d]),
+                "bytes_sent_per_image": float(sent[d] / max(n_images, 1)),
+                "bytes_received_per_image": float(received[d] / max(n_images, 1)),
                 "last_error": errors.get(endpoint),
             }
-            for s, endpoint, transport, c, b_out, b_in in zip(bundle.students, endpoints, transports, contributed, sent, received)
+            for d, endpoint in enumerate(endpoints)
         ],
+        "device_events": events,
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -268,10 +301,12 @@ def _infer(args: argparse.Namespace) -> int:
     if degraded_batches:
         print(f"degraded: {degraded_batches} of {len(latencies)} batches missed at least one device")
     for d in report["devices"]:
-        status = f"{d['contributed_images']}/{n_images} images"
+        status = f"{d['contributed_images']}/{n_images} images" + (f", skipped for {d['skipped_batches']} batches while down" if d["skipped_batches"] else "")
         print(
             f"  {d['student']} @ {d['endpoint']} ({d['transport']}): {status}, {d['bytes_sent_per_image']:.0f} B sent / "
             f"{d['bytes_received_per_image']:.0f} B received per image"
             + (f"; last error: {d['last_error']}" if d["last_error"] else "")
         )
+    for e in report["device_events"]:
+        print(f"  t={e['t']:.2f} s: {e['device']} {e['state']} ({e['reason']})")
     return 0
