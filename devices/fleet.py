@@ -122,6 +122,40 @@ def _with_parent_watch(cmd: list[str], python: str) -> list[str]:
     return [python, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
 
 
+class _Throttle:
+    """Pause and resume a process in a 20 ms cycle so that it runs `factor` times slower on
+    average (as `cpulimit` does): a slow device, whatever it is doing."""
+
+    PERIOD_S = 0.02
+
+    def __init__(self, pid: int, factor: float) -> None:
+        self.pid = pid
+        self.factor = factor
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"throttle-{pid}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        running_s = self.PERIOD_S / self.factor
+        paused_s = self.PERIOD_S - running_s
+        try:
+            while not self._stop.wait(running_s):
+                os.kill(self.pid, signal.SIGSTOP)
+                stopping = self._stop.wait(paused_s)
+                os.kill(self.pid, signal.SIGCONT)
+                if stopping:
+                    return
+        except ProcessLookupError:
+            return
+
+    def stop(self) -> None:
+        """End the cycle and leave the process running."""
+        self._stop.set()
+        self._thread.join(1.0)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)
+
+
 _fleets: "weakref.WeakSet[LocalFleet]" = weakref.WeakSet()
 
 
@@ -181,6 +215,7 @@ class LocalFleet:
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="nonn-fleet-"))
         self.devices: list[Device] = []
+        self._throttles: dict[int, _Throttle] = {}
         self._lock = threading.RLock()
         self._sampler: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -306,9 +341,27 @@ class LocalFleet:
                 )
             time.sleep(0.05)
 
+    def slow(self, index: int, factor: float) -> None:
+        """From now on, device `index` runs `factor` times slower (until it is killed or stopped)."""
+        with self._lock:
+            d = self.devices[index]
+            if not d.alive:
+                raise FleetError(f"device {index} ({d.student}) is not running")
+            if factor <= 1:
+                raise ValueError(f"a slowdown factor must be above 1, got {factor}")
+            self._unthrottle(index)
+            self._throttles[index] = _Throttle(d.process.pid, factor)  # type: ignore[union-attr]
+            d.events.append({"t": self.elapsed(), "event": "slow", "factor": factor})
+
+    def _unthrottle(self, index: int) -> None:
+        throttle = self._throttles.pop(index, None)
+        if throttle is not None:
+            throttle.stop()
+
     def kill(self, index: int, graceful: bool = False) -> None:
         """Stop device `index` abruptly (SIGKILL, a crash) or gracefully (SIGTERM)."""
         with self._lock:
+            self._unthrottle(index)
             d = self.devices[index]
             if not d.alive:
                 return
@@ -336,6 +389,8 @@ class LocalFleet:
         if self._sampler is not None and self._sampler is not threading.current_thread():
             self._sampler.join(2.0)
         with self._lock:
+            for index in list(self._throttles):
+                self._unthrottle(index)
             procs = []
             for d in self.devices:
                 if d.alive:

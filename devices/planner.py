@@ -370,6 +370,37 @@ def place(bundle: Bundle | str | Path, devices: Sequence[Any], *, runtime_mb: fl
     return _assign(bundle, devices, _device_names(devices), costs.memory, costs.times, runtime_mb)
 
 
+def place_replicas(bundle: Bundle | str | Path, devices: Sequence[Any], replicas: int = 1, *,
+                   runtime_mb: float = RUNTIME_FOOTPRINT_MB) -> list[list[int]]:  # fmt: skip
+    """Each student on `replicas` devices: [student k's device indices], first copy first.
+
+    The first copy of every student is placed as `place` does; each further copy the same way on
+    the devices still unused, so spare devices take the copies (the fastest spares first).
+    """
+    if replicas < 1:
+        raise PlanError(f"replicas must be at least 1, got {replicas}")
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.load(bundle)
+    devices = [_as_profile(p) for p in devices]
+    K = bundle.num_students
+    if replicas > 1 and len(devices) < K * replicas:
+        raise PlanError(
+            f"{K} students x {replicas} replicas need {K * replicas} devices, the device list gives {len(devices)}; "
+            f"add {K * replicas - len(devices)} more device(s)"
+        )
+    costs = _student_costs(bundle, devices, runtime_mb)
+    names = _device_names(devices)
+    copies: list[list[int]] = [[] for _ in range(K)]
+    free = list(range(len(devices)))
+    for _ in range(replicas):
+        sub = _assign(bundle, [devices[d] for d in free], [names[d] for d in free], costs.memory,
+                      [[row[d] for d in free] for row in costs.times], runtime_mb)  # fmt: skip
+        for k, i in enumerate(sub):
+            copies[k].append(free[i])
+        free = [d for d in free if all(d not in c for c in copies)]
+    return copies
+
+
 def _check_placement(placement: Sequence[int], num_students: int, num_devices: int) -> list[int]:
     placed = [int(d) for d in placement]
     if len(placed) != num_students or len(set(placed)) != len(placed) or not all(0 <= d < num_devices for d in placed):
@@ -386,11 +417,13 @@ def plan(
     aggregator: DeviceProfile | None = None,
     runtime_mb: float = RUNTIME_FOOTPRINT_MB,
     placement: Sequence[int] | None = None,
+    replicas: int = 1,
 ) -> Plan:
-    """Place the bundle's students on `devices` (one each) and estimate the fleet's cost.
+    """Place the bundle's students on `devices` (one each, or `replicas` each) and estimate the
+    fleet's cost.
 
     `placement` (student k on devices[placement[k]]) replaces the search, e.g. to estimate a fleet
-    that already runs; by default `place` chooses.
+    that already runs; by default `place` (`place_replicas` with replicas) chooses.
     """
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
@@ -405,9 +438,12 @@ def plan(
         costs.memory, costs.request, costs.response, costs.compute, costs.transfer, costs.times
     )
     if placement is None:
-        placed = _assign(bundle, devices, names, memory, times, runtime_mb)
+        copies = place_replicas(bundle, devices, replicas, runtime_mb=runtime_mb)
     else:
-        placed = _check_placement(placement, len(students), len(devices))
+        if replicas != 1:
+            raise PlanError("a given placement has one device per student: leave replicas at 1")
+        copies = [[d] for d in _check_placement(placement, len(students), len(devices))]
+    placed = [c[0] for c in copies]
 
     agg = aggregator or devices[0]
     head_s = _compute_s(bundle.head.flops, agg)
@@ -417,7 +453,7 @@ def plan(
     latency = rtt + fan_out_s + slowest + head_s
 
     rows: list[DevicePlan] = []
-    by_device = {d: k for k, d in enumerate(placed)}
+    by_device = {d: k for k, c in enumerate(copies) for d in c}
     for d, profile in enumerate(devices):
         k = by_device.get(d)
         if k is None:
@@ -446,7 +482,7 @@ def plan(
     used = [r for r in rows if r.student is not None]
     nonn = Estimate(
         name="nonn",
-        devices=len(students),
+        devices=len(students) * replicas,
         memory_per_device_mb=max(r.memory_mb for r in used),
         model_memory_per_device_mb=max(r.memory_mb for r in used) - runtime_mb,
         bytes_per_inference=sum(response),
@@ -455,7 +491,7 @@ def plan(
         compute_ms=max(r.compute_ms for r in used),
         energy_per_node_mj=max(r.energy_mj for r in used),
         fits=True,
-        note=f"{len(students)} students, head on {agg.name}",
+        note=f"{len(students)} students" + (f" x {replicas} replicas" if replicas > 1 else "") + f", head on {agg.name}",
     )
 
     teacher_est = mp_est = None
@@ -468,7 +504,7 @@ def plan(
 
     return Plan(
         bundle=BundleRef.of(bundle),
-        placement=[StudentPlacement(s.name, [names[placed[k]]]) for k, s in enumerate(students)],
+        placement=[StudentPlacement(s.name, [names[d] for d in copies[k]]) for k, s in enumerate(students)],
         devices=rows,
         nonn=nonn,
         teacher=teacher_est,
@@ -526,6 +562,7 @@ def format_plan(p: Plan) -> str:
     parts = [
         _table(["device", "student", "memory MB", "avail MB", "compute ms", "sent B/inf", "energy mJ"], device_rows),
         format_device_order(p),
+        *_replication_lines(p),
         f"fleet latency {p.nonn.latency_ms:.2f} ms per image (head {p.head_ms:.2g} ms on {p.aggregator}); "
         f"devices send {p.nonn.bytes_per_inference} B per inference, {p.nonn.wire_bytes_per_inference} B on the wire with the input images",
     ]
@@ -554,10 +591,25 @@ def format_plan(p: Plan) -> str:
     return "\n\n".join(parts)
 
 
-def simulation_estimates(bundle_dir: str | Path, profiles: Sequence[Any]) -> dict[str, Any] | None:
-    """The estimates for the fleet a simulation ran (student k on profiles[k], for reports); None if not possible."""
+def _replication_lines(p: Plan) -> list[str]:
+    """What replicas cost (devices; bytes per inference stay those of one copy, hedges aside) and buy."""
+    replicas = max((len(s.devices) for s in p.placement), default=1)
+    if replicas == 1:
+        return []
+    return [
+        f"replication: {replicas} devices per student, {p.nonn.devices} devices instead of {len(p.placement)}; "
+        f"the same {p.nonn.bytes_per_inference} B per inference (up to about 5% more when slow replicas are hedged); "
+        f"buys: answers at full accuracy with {replicas - 1} device(s) of every student lost (measure accuracy under "
+        "loss and p99 with `nonn simulate --replicas ... --kill/--slow`)"
+    ]
+
+
+def simulation_estimates(bundle_dir: str | Path, profiles: Sequence[Any], replicas: int = 1) -> dict[str, Any] | None:
+    """The estimates for the fleet a simulation ran (student k on profiles[k], or its first replica
+    on profiles[k * replicas], for reports); None if not possible."""
     try:
         bundle = Bundle.load(bundle_dir)
-        return plan(bundle, [_as_profile(p) for p in profiles], placement=range(bundle.num_students)).to_dict()
+        first = [k * replicas for k in range(bundle.num_students)]
+        return plan(bundle, [_as_profile(p) for p in profiles], placement=first).to_dict()
     except (PlanError, KeyError, TypeError, ValueError):
         return None

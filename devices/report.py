@@ -14,13 +14,19 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from nonn.artifacts import atomic_write_json, atomic_write_text
+from nonn.devices.fault_report import comparison, device_health, fault_tables
+from nonn.devices.report_format import fmt as _fmt
+from nonn.devices.report_format import fraction as _fraction
+from nonn.devices.report_format import pct as _pct
+from nonn.devices.report_format import percentiles as _percentiles
+from nonn.devices.report_format import round_ as _round
+from nonn.devices.report_format import rows_table as _rows_table
 
 if TYPE_CHECKING:
     from nonn.devices.simulate import SimulationResult
@@ -29,32 +35,6 @@ __all__ = ["REPORT_FORMAT", "build_report", "format_table", "write_json", "write
 
 REPORT_FORMAT = "nonn.simulation/1"
 REQUIRED_KEYS = ("accuracy", "requests", "answered", "lost", "degraded", "latency_ms", "devices", "network_emulation", "timeline")
-
-
-def _fraction(num: float, den: float) -> float | None:
-    return None if den == 0 else float(num) / float(den)
-
-
-def _round(x: float | None, digits: int = 6) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), digits)
-
-
-def _percentiles(latency_s: np.ndarray) -> dict[str, Any]:
-    ms = latency_s[np.isfinite(latency_s)] * 1000.0
-    if ms.size == 0:
-        return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None, "histogram": {"edges_ms": [], "counts": []}}
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    lo, hi = float(ms.min()), float(ms.max())
-    edges = np.linspace(lo, hi if hi > lo else lo + 1e-3, 41)
-    counts, _ = np.histogram(ms, bins=edges)
-    return {
-        "p50": _round(p50, 3),
-        "p95": _round(p95, 3),
-        "p99": _round(p99, 3),
-        "mean": _round(float(ms.mean()), 3),
-        "max": _round(hi, 3),
-        "histogram": {"edges_ms": [round(float(e), 3) for e in edges], "counts": counts.astype(int).tolist()},
-    }
 
 
 def _outage_windows(events: Sequence[dict[str, Any]], end_s: float) -> list[dict[str, Any]]:
@@ -74,7 +54,7 @@ def _outage_windows(events: Sequence[dict[str, Any]], end_s: float) -> list[dict
 def _first_full_answers(result: "SimulationResult", windows: list[dict[str, Any]]) -> None:
     """Per outage: when the first request that the device answered again was sent (None: never)."""
     for w in windows:
-        back = (result.request_start_s >= w["end_s"]) & result.contributed[:, w["device"]] if result.num_requests else np.zeros(0, bool)
+        back = (result.request_start_s >= w["end_s"]) & result.device_answered(w["device"]) if result.num_requests else np.zeros(0, bool)
         w["answering_again_s"] = _round(float(result.request_start_s[back].min()), 4) if back.any() else None
 
 
@@ -129,7 +109,7 @@ def _estimates(result: "SimulationResult") -> dict[str, Any] | None:
     estimate = getattr(planner, "simulation_estimates", None)
     if estimate is None:
         return None
-    return estimate(result.bundle_dir, result.profiles)
+    return estimate(result.bundle_dir, result.profiles, replicas=result.replicas)
 
 
 def build_report(result: "SimulationResult", *, dataset: str | None = None) -> dict[str, Any]:
@@ -172,7 +152,8 @@ def build_report(result: "SimulationResult", *, dataset: str | None = None) -> d
             "bytes_per_inference": _round((sent + received) / images_answered, 1),
             "bytes_sent_per_inference": _round(sent / images_answered, 1),
             "bytes_received_per_inference": _round(received / images_answered, 1),
-            "contributed": _round(_fraction(result.contributed[answered, k].sum(), int(answered.sum()))),
+            "contributed": _round(_fraction(result.device_answered(k)[answered].sum(), int(answered.sum()))),
+            "skipped": int(result.skipped[:, k].sum()) if result.skipped is not None and R else 0,
             "wire_bytes_per_inference": None
             if not link
             else _round((link["bytes_up"] + link["bytes_down"]) / max(R * B, 1), 1),
@@ -223,6 +204,10 @@ def build_report(result: "SimulationResult", *, dataset: str | None = None) -> d
         "bytes_per_inference": _round(sum(d["bytes_per_inference"] or 0 for d in devices), 1),
         "faults": [str(f) for f in result.config.faults],
         "timeline": _timeline(result, correct, agree, windows),
+        "replicas": result.replicas,
+        "slowdowns": [str(f) for f in result.config.slowdowns],
+        "device_health": device_health(result),
+        "comparison": comparison(result),
         "profiles": [_profile_dict(p) for p in result.profiles],
         "estimates": _estimates(result),
         "bundle_summary": result.bundle_summary,
@@ -237,27 +222,6 @@ def write_json(report: dict[str, Any], path: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------- terminal
-
-
-def _fmt(value: Any, spec: str = "", unit: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and spec:
-        return f"{value:{spec}}{unit}"
-    return f"{value}{unit}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.2f}%"
-
-
-def _rows_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
-    line = "  ".join(str(h).ljust(w) for h, w in zip(headers, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    for r in rows:
-        out.append("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(out)
 
 
 def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -298,11 +262,12 @@ def format_table(report: dict[str, Any]) -> str:
             "OVER" if d["over_memory"] else "ok",
             _fmt(d["bytes_per_inference"], ".0f"),
             _pct(d["contributed"]),
+            str(d.get("skipped", 0)),
             str(d["starts"]),
         )
         for d in report["devices"]
     ]
-    parts.append(_rows_table(["device", "profile", "peak RSS MB", "limit MB", "memory", "bytes/inf", "contributed", "starts"], dev_rows))
+    parts.append(_rows_table(["device", "profile", "peak RSS MB", "limit MB", "memory", "bytes/inf", "contributed", "skipped", "starts"], dev_rows))
     est = report.get("estimates")
     if est and est.get("comparison"):
         comp_rows = [(r["metric"], r["nonn"], r["teacher"], r["ratio"], r["model_parallel"]) for r in _comparison_rows(est)]
@@ -310,6 +275,7 @@ def format_table(report: dict[str, Any]) -> str:
             "estimated on the real devices (planner model):\n"
             + _rows_table(["", "NoNN fleet", "teacher, one device", "teacher / NoNN", "layer-wise split"], comp_rows)
         )
+    parts += fault_tables(report)
     for w in report.get("warnings", []):
         parts.append(f"warning: {w}")
     return "\n\n".join(parts)

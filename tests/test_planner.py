@@ -236,3 +236,17 @@ def test_plan_json_round_trip_and_validation(tmp_path: Path) -> None:
     with pytest.raises(PlanError, match="not on disk"):
         plan(make_bundle(), parse_device_list("rpi3b+:4")).save(tmp_path / "memory.json")
     assert not (tmp_path / "memory.json").exists()
+
+
+def test_plan_with_replicas_puts_every_student_on_that_many_devices(tmp_path: Path) -> None:
+    bundle = make_bundle(student_flops=(1e7, 4e7), student_bytes=(200_000,) * 2, feature_sizes=(16, 16))
+    devices = parse_device_list("x86,rpi4b,rpi3b+:2")
+    result = plan(bundle, devices, replicas=2)
+    copies = {p.student: p.devices for p in result.placement}
+    assert sorted(copies) == ["student_0", "student_1"] and all(len(d) == 2 for d in copies.values())
+    assert len({d for ds in copies.values() for d in ds}) == 4  # every device holds one copy
+    assert result.nonn.devices == 4
+    assert result.nonn.bytes_per_inference == plan(bundle, devices[:2]).nonn.bytes_per_inference
+    assert "replication: 2 devices per student, 4 devices instead of 2" in format_plan(result)
+    with pytest.raises(PlanError, match="2 students x 3 replicas need 6 devices, the device list gives 4"):
+        plan(bundle, devices, replicas=3)

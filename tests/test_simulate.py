@@ -127,6 +127,11 @@ def test_kill_and_restart_gives_degraded_answers_and_loses_nothing(bundle, data)
     assert dev1["starts"] == 2 and dev1["contributed"] < 1.0
     assert any(b["degraded"] for b in report["timeline"]["bins"])
     assert report["timeline"]["outages"][0]["device"] == 1
+    # The aggregator's view: it took device 1 out, a health check found it serving, it answered again.
+    seen = report["device_health"]["faults"][0]
+    assert seen["device"] == 1 and seen["killed_s"] <= seen["down_s"] <= seen["half_open_s"] <= seen["rejoined_s"]
+    assert seen["serving_s"] == serving_at and seen["rejoined_after_serving_s"] is not None
+    assert report["devices"][1]["skipped"] > 0  # requests did not wait for the dead device
     _assert_no_children()
 
 
@@ -262,7 +267,10 @@ def test_cli_simulate_places_students_as_plan_does(cli_inputs, tmp_path, capsys)
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--devices", "tiny:1"], "gives 1 device(s) for a bundle with 2 students"),
+        (["--devices", "tiny:1"], "gives 1 device(s) where at least 2 are needed"),
+        (["--devices", "tiny:2", "--replicas", "2"], "gives 2 device(s) where at least 4 are needed"),
+        (["--devices", "tiny:2", "--slow", "1@0:0.5"], "a slowdown factor above 1"),
+        (["--devices", "tiny:2", "--slow", "2@0:4"], "--slow 2@0:4: device 2 does not exist"),
         (["--devices", "tiny:2", "--kill", "5@1"], "device 5 does not exist"),
         (["--devices", "tiny:2", "--kill", "1at2"], "expected DEVICE@SECONDS"),
         (["--devices", "nosuch:2"], "unknown device profile 'nosuch'"),

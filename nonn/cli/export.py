@@ -59,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="memory of the serving runtime itself, MB (default: the measured resident size of `nonn serve`, 82 MB)",
     )
+    pl.add_argument("--replicas", type=positive_int, default=1,
+                    help="devices per student (default: 1); spare devices take the extra copies")
     pl.add_argument("--out", "--json", dest="out", default=None, metavar="PLAN_JSON",
                     help="write the plan (nonn.plan/1: placement, device order, estimates, the bundle's manifest sha256) here, e.g. plan.json")
     pl.set_defaults(func=_plan)
@@ -144,7 +146,7 @@ def _plan(args: argparse.Namespace) -> int:
     runtime_mb = RUNTIME_FOOTPRINT_MB if args.runtime_mb is None else args.runtime_mb
     if runtime_mb < 0:
         raise ValueError(f"--runtime-mb must be >= 0, got {runtime_mb}")
-    result = plan(Bundle.load(args.bundle), devices, aggregator=aggregator, runtime_mb=runtime_mb)
+    result = plan(Bundle.load(args.bundle), devices, aggregator=aggregator, runtime_mb=runtime_mb, replicas=args.replicas)
     print(format_plan(result))
     if args.out:
         result.save(args.out)

@@ -16,6 +16,16 @@ faults (--kill, repeatable):
   DEVICE@SECONDS:RESTART    ... and start it again RESTART seconds later
   e.g. --kill 1@2 --kill 0@3:5. The stream keeps going until every fault has played out
   (plus --recovery seconds), so the report shows the outage and the recovery.
+  --slow DEVICE@SECONDS:FACTOR   from SECONDS on, device DEVICE runs FACTOR times slower (its
+                            process is paused and resumed in a 20 ms cycle), e.g. --slow 1@0:4
+  --compare-all-up          first stream with every device up, then with the faults: the report
+                            puts latency and throughput side by side
+
+replicas (--replicas R):
+  each student on R devices (--devices then lists R devices per student, each student's in a
+  row); a request goes to the healthiest replica, and also to a second one when the first has
+  not answered within its usual time (--no-hedge: only when the first fails). Device indices
+  in --kill and --slow count every device: student k's replicas are k*R .. k*R+R-1.
 
 network (--network):
   auto   the client delay model (as delay); never changes this host's network
@@ -66,6 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="stream for at least this many seconds (default: 0)")
     run.add_argument("--kill", action="append", default=[], metavar="DEVICE@SECONDS[:RESTART]",
                      help="kill a device during the stream, optionally restarting it (repeatable; see below)")
+    run.add_argument("--slow", action="append", default=[], metavar="DEVICE@SECONDS:FACTOR",
+                     help="slow a device down by FACTOR from SECONDS on (repeatable; see below)")
+    run.add_argument("--compare-all-up", action="store_true",
+                     help="run the same stream with every device up first and report both side by side")
+    run.add_argument("--replicas", type=positive_int, default=1, help="devices per student (default: 1; see below)")
+    run.add_argument("--no-hedge", action="store_true", help="with --replicas: no second request to a slow replica")
     run.add_argument("--recovery", type=non_negative_float, default=1.0,
                      help="seconds to keep streaming after the last fault event (default: 1)")
     run.add_argument("--deadline", type=positive_float, default=1.0,
@@ -93,18 +109,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_simulate)
 
 
-def resolve_devices(devices: str, num_students: int, profiles_file: str | None = None) -> list[Any]:
-    """The DeviceProfiles of a device list ("rpi3b+:4"), at least one per student; a bare single name is repeated."""
+def resolve_devices(devices: str, num_devices: int, profiles_file: str | None = None) -> list[Any]:
+    """The DeviceProfiles of a device list ("rpi3b+:4"), at least `num_devices` (one per student and
+    replica); a bare single name is repeated."""
     from nonn.devices.profiles import load_profiles, parse_device_list
 
     catalogue = load_profiles(profiles_file) if profiles_file else None
     resolved = parse_device_list(devices, catalogue)
-    if len(resolved) == 1 and num_students > 1 and ":" not in devices:
-        resolved = resolved * num_students
-    if len(resolved) < num_students:
+    if len(resolved) == 1 and num_devices > 1 and ":" not in devices:
+        resolved = resolved * num_devices
+    if len(resolved) < num_devices:
         raise CLIError(
-            f"--devices {devices!r} gives {len(resolved)} device(s) for a bundle with {num_students} students; "
-            f"give at least one per student, e.g. {resolved[0].name}:{num_students}"
+            f"--devices {devices!r} gives {len(resolved)} device(s) where at least {num_devices} are needed (one per "
+            f"student and replica); e.g. {resolved[0].name}:{num_devices}"
         )
     return resolved
 
@@ -153,6 +170,7 @@ def run_simulation(
     split: str = "test",
     config: Any = None,
     kills: Sequence[str] = (),
+    slowdowns: Sequence[str] = (),
     profiles_file: str | None = None,
     teacher_predictions: str | Path | None = None,
     teacher: str | None = None,
@@ -165,14 +183,14 @@ def run_simulation(
 ) -> dict[str, Any]:
     """`nonn simulate` as a function: load the bundle, devices and data, run, write the reports.
 
-    `config` is a SimulationConfig (its `faults` are replaced by the parsed `kills`). Returns the
-    JSON report; prints the table when `echo`.
+    `config` is a SimulationConfig (its `faults` and `slowdowns` are replaced by the parsed `kills`
+    and `slowdowns`). Returns the JSON report; prints the table when `echo`.
     """
     from dataclasses import replace
 
-    from nonn.devices.planner import place
+    from nonn.devices.planner import place_replicas
     from nonn.devices.report import build_report, format_table, write_html, write_json
-    from nonn.devices.simulate import SimulationConfig, parse_faults, simulate
+    from nonn.devices.simulate import SimulationConfig, parse_faults, parse_slowdowns, simulate
     from nonn.runtime.bundle import Bundle
     from nonn.students.data import load_dataset
 
@@ -183,9 +201,11 @@ def run_simulation(
     if split not in ("test", "train"):
         raise CLIError(f"--split {split!r}: expected test or train")
     loaded = Bundle.load(bundle)
-    candidates = resolve_devices(devices, loaded.num_students, profiles_file)
-    profiles = [candidates[d] for d in place(loaded, candidates)]  # student k on profiles[k], as `nonn plan` places them
-    config = replace(config or SimulationConfig(), faults=parse_faults(list(kills), loaded.num_students))
+    config = config or SimulationConfig()
+    candidates = resolve_devices(devices, loaded.num_students * config.replicas, profiles_file)
+    # Student k's replicas on profiles[k*R] .. profiles[k*R + R-1], placed as `nonn plan` places them.
+    profiles = [candidates[d] for copies in place_replicas(loaded, candidates, config.replicas) for d in copies]
+    config = replace(config, faults=parse_faults(list(kills), len(profiles)), slowdowns=parse_slowdowns(list(slowdowns), len(profiles)))
     data = load_dataset(dataset, data_dir)
     images = data.test_x if split == "test" else data.train_x
     labels = data.test_y if split == "test" else data.train_y
@@ -202,8 +222,8 @@ def run_simulation(
         teacher_classes = None
     if echo:
         print(
-            f"nonn simulate: {loaded.num_students} devices ("
-            + ", ".join(f"{s.name} on {p.name}" for s, p in zip(loaded.students, profiles))
+            f"nonn simulate: {len(profiles)} devices ("
+            + ", ".join(f"{loaded.students[d // config.replicas].name} on {p.name}" for d, p in enumerate(profiles))
             + f"), {dataset} {split} split, {len(images)} images; starting the fleet...",
             file=sys.stderr,
         )
@@ -237,6 +257,9 @@ def _simulate(args: argparse.Namespace) -> int:
         strict=args.strict,
         transport=args.transport,
         network=args.network,
+        replicas=args.replicas,
+        hedge=not args.no_hedge,
+        compare_all_up=args.compare_all_up,
         startup_timeout_s=args.startup_timeout,
         seed=args.seed,
         progress=not args.no_progress,
@@ -249,6 +272,7 @@ def _simulate(args: argparse.Namespace) -> int:
         split=args.split,
         config=config,
         kills=args.kill,
+        slowdowns=args.slow,
         profiles_file=args.profiles,
         teacher_predictions=args.teacher_predictions,
         teacher=args.teacher,
