@@ -1,15 +1,16 @@
-"""The aggregator: fan one request out to the K student devices, concatenate, apply the head.
+"""The aggregator: fan one request out to the K students' devices, concatenate, apply the head.
 
-Each request goes to every device concurrently over asyncio gRPC (`grpc.aio`), one
-`DeviceClient` per device (`nonn.runtime.device_client`: stream or unary transport, retries,
-reply checks) under one shared deadline (`nonn.runtime.retry`). The pooled feature vectors are
-concatenated in group order (student 0 first) and the head runs locally in ONNX Runtime.
+Each request goes to every student at once over asyncio gRPC (`grpc.aio`): to its device, one
+`DeviceClient` each (`nonn.runtime.device_client`: stream or unary transport, retries, checked
+replies, the device's health), or to its replicas (`nonn.runtime.replicas`: the healthiest one,
+hedged when slow), under one shared deadline (`nonn.runtime.retry`). The pooled feature vectors
+are concatenated in group order (student 0 first) and the head runs locally in ONNX Runtime.
 Under load, queued requests can share device calls (`nonn.runtime.coalescing`).
 
-Degraded mode (the default): a device that is down, too slow or answers badly contributes zeros,
-which is what student-dropout training prepares the head for, and the result says which devices
-contributed. Strict mode raises AggregationError instead. Bytes sent and received are counted
-per device per request as serialized protobuf message sizes.
+Degraded mode (the default): a student whose devices are down, too slow or answer badly
+contributes zeros, which is what student-dropout training prepares the head for, and the result
+(`nonn.runtime.aggregate_result`) says which students contributed and what each device cost.
+Strict mode raises AggregationError instead.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import grpc
 import numpy as np
 
+from nonn.runtime.aggregate_result import AggregateResult
 from nonn.runtime.aioloop import BlockingFacade
 from nonn.runtime.arrays import numpy_dtype
 from nonn.runtime.backends import DEFAULT_MAX_BATCH
@@ -64,77 +65,6 @@ class AggregationError(RuntimeError):
 
 class DeviceMismatchError(ValueError):
     """A device serves another model than the bundle names (name, inputs/outputs or sha256)."""
-
-
-@dataclass
-class AggregateResult:
-    """One aggregated answer: logits, which students contributed, and per device what it cost.
-
-    Per student (in group order): `contributed`, and `answered_by`, the index of the device whose
-    features were used. Per device (student by student, each student's replicas in a row; one
-    device per student without replication): `devices` (endpoints), `bytes_sent` /
-    `bytes_received` (serialized protobuf sizes of the ModelInfer requests and replies, summed
-    over attempts; an attempt that found no connection sent nothing), `device_latency_s`,
-    `attempts`, `errors`, and `skipped` (the device was down and not called).
-    """
-
-    logits: np.ndarray
-    contributed: list[bool]
-    bytes_sent: list[int]
-    bytes_received: list[int]
-    latency_s: float
-    device_latency_s: list[float | None]
-    attempts: list[int]
-    errors: list[str | None]
-    devices: list[str] = field(default_factory=list)
-    answered_by: list[int | None] = field(default_factory=list)
-    skipped: list[bool] = field(default_factory=list)
-
-    @property
-    def predictions(self) -> np.ndarray:
-        return self.logits.argmax(axis=1)
-
-    @property
-    def degraded(self) -> bool:
-        return not all(self.contributed)
-
-    def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
-        answering = set(d for d in self.answered_by if d is not None)
-        out: dict[str, Any] = {
-            "predictions": self.predictions.tolist(),
-            "logits": self.logits.tolist(),
-            "degraded": self.degraded,
-            "contributed": list(self.contributed),
-            "latency_ms": self.latency_s * 1e3,
-            "devices": [
-                {
-                    "endpoint": endpoint,
-                    "answered": d in answering,
-                    "skipped": bool(self.skipped[d]) if self.skipped else False,
-                    "bytes_sent": self.bytes_sent[d],
-                    "bytes_received": self.bytes_received[d],
-                    "latency_ms": None if self.device_latency_s[d] is None else self.device_latency_s[d] * 1e3,
-                    "attempts": self.attempts[d],
-                    "error": self.errors[d],
-                }
-                for d, endpoint in enumerate(self.devices)
-            ],
-        }
-        if class_names:
-            out["labels"] = [class_names[i] for i in out["predictions"]]
-        return out
-
-    def rows(self, start: int, stop: int, latency_s: float) -> "AggregateResult":
-        """The answer for rows start..stop of a shared (coalesced) call: its logits, and its share
-        of the bytes by image count."""
-        share = (stop - start) / len(self.logits)
-        return replace(
-            self,
-            logits=self.logits[start:stop],
-            bytes_sent=[round(b * share) for b in self.bytes_sent],
-            bytes_received=[round(b * share) for b in self.bytes_received],
-            latency_s=latency_s,
-        )
 
 
 class Aggregator(BlockingFacade):
