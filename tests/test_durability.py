@@ -2,7 +2,9 @@
 
 A kill is a real SIGKILL of a `nonn` subprocess: no exception handler, no cleanup. The resumed
 run must end with exactly the weights of an uninterrupted run (tiny data, CPU, fixed seed), and a
-write killed half-way must leave the previous artifact as it was.
+write killed half-way must leave the previous artifact as it was. Kill points are counted in
+work done (the N-th optimizer step, the N-th file sync), never in seconds, so that a busy
+machine cannot move them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from students_testing import make_npz, make_partition, make_teacher
 
 pytestmark = pytest.mark.timeout(180)
 
+TRAIN_IMAGES, BATCH = 768, 16
+STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -38,7 +43,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("durability")
-    data = make_npz(root / "bars.npz", n_train=768, n_test=48)
+    data = make_npz(root / "bars.npz", n_train=TRAIN_IMAGES, n_test=48)
     teacher = make_teacher(root / "teacher.pt", data, steps=5)
     partition = make_partition(root / "partition.json", teacher)
     return {"root": root, "data": data, "teacher": teacher, "partition": partition}
@@ -50,46 +55,28 @@ def kill_rng() -> tuple[random.Random, int]:
     return random.Random(seed), seed
 
 
-def run_and_kill(argv: list[str], checkpoint: Path, delay_s: float, timeout_s: float = 120) -> int:
-    """Start `nonn argv`; once its first checkpoint exists wait `delay_s`, then SIGKILL it.
+def kill_training(argv: list[str], out: Path, steps_per_epoch: int, writes_per_epoch: int, epochs: int) -> tuple[int, int]:
+    """SIGKILL `nonn argv --out out` at a random point of its work after the first checkpoint.
 
-    Returns the process's exit status (-9 when the kill landed, 0 if it finished first).
-    """
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "nonn", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not checkpoint.exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.01)
-        time.sleep(delay_s)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-def kill_training(argv: list[str], out: Path, epoch_s: float, epochs: int) -> tuple[int, int]:
-    """SIGKILL `nonn argv --out out` at a random point after its first checkpoint; returns (epoch reached, seed).
-
-    The point is drawn from the remaining epochs' time (from the uninterrupted run's per-epoch
-    seconds); should a slow machine let the run finish first, it is drawn again from half the span.
+    The point is counted in work, not time, so machine load cannot move it: right after a
+    random optimizer step of epochs 2.., or right after a random file write of epochs 2..
+    reached its fsync but before its rename (a checkpoint or log half-made). Returns the epoch
+    of the checkpoint the kill left behind, and the kill seed.
     """
     rng, seed = kill_rng()
-    span = (epochs - 1.5) * epoch_s
-    for _ in range(3):
-        out.unlink(missing_ok=True)
-        status = run_and_kill([*argv, "--out", str(out)], out, rng.uniform(0, span))
-        if status == -signal.SIGKILL:
-            reached = torch.load(out, weights_only=True)["epoch"]
-            assert 1 <= reached < epochs, f"NONN_KILL_SEED={seed}"
-            return reached, seed
-        assert status == 0, f"the run failed on its own (status {status})"
-        span /= 2
-    raise AssertionError(f"every run finished before its kill (NONN_KILL_SEED={seed})")
+    if rng.random() < 0.5:
+        what, call = "torch.optim.SGD.step", rng.randint(steps_per_epoch + 1, steps_per_epoch * epochs)
+        expected = (call - 1) // steps_per_epoch
+    else:  # up to the last epoch's checkpoint: a kill after it would find the run over
+        what, call = "os.fsync", rng.randint(writes_per_epoch + 1, writes_per_epoch * (epochs - 1) + 1)
+        # The epoch's first write is its checkpoint: paused there, the previous epoch's is in place.
+        expected = (call - 1) // writes_per_epoch + ((call - 1) % writes_per_epoch > 0)
+    out.unlink(missing_ok=True)
+    module, attribute = what.rsplit(".", 1) if what == "os.fsync" else ("torch.optim", "SGD.step")
+    kill_during(module, attribute, [*argv, "--out", str(out)], out.parent / f"{out.name}.paused", call)
+    reached = torch.load(out, weights_only=True)["epoch"]
+    assert reached == expected, f"killed after call {call} of {what}: checkpoint of epoch {reached}, expected {expected} (NONN_KILL_SEED={seed})"
+    return reached, seed
 
 
 def assert_same_tensors(a: dict, b: dict, what: str, seed: int) -> None:
@@ -98,16 +85,14 @@ def assert_same_tensors(a: dict, b: dict, what: str, seed: int) -> None:
         assert torch.equal(a[key], b[key]), f"{what}: {key} differs after resume (NONN_KILL_SEED={seed})"
 
 
-def straight_and_resumed_after_kill(argv: list[str], tmp_path) -> tuple[dict, dict, int, int]:
+def straight_and_resumed_after_kill(argv: list[str], tmp_path, writes_per_epoch: int) -> tuple[dict, dict, int, int]:
     """Run 4-epoch `argv` straight through, then again killed at a random point and resumed.
 
     Returns both checkpoints, the epoch the killed run had reached and the kill seed.
     """
     assert main([*argv, "--out", str(tmp_path / "straight.pt")]) == 0
-    epoch_s = float(np.median([h["seconds"] for h in torch.load(tmp_path / "straight.pt", weights_only=True)["history"]]))
     killed = tmp_path / "killed.pt"
-    # Anywhere in the epochs after the first checkpoint: mid-epoch, mid-evaluation or mid-write.
-    reached, seed = kill_training(argv, killed, epoch_s, epochs=4)
+    reached, seed = kill_training(argv, killed, STEPS_PER_EPOCH, writes_per_epoch, epochs=4)
     assert main([*argv, "--out", str(killed), "--resume"]) == 0
     a, b = torch.load(tmp_path / "straight.pt", weights_only=True), torch.load(killed, weights_only=True)
     assert b["epoch"] == 4
@@ -117,8 +102,8 @@ def straight_and_resumed_after_kill(argv: list[str], tmp_path) -> tuple[dict, di
 @pytest.mark.slow
 def test_teacher_killed_at_a_random_point_resumes_to_the_same_weights(files, tmp_path):
     argv = ["train-teacher", "--dataset", str(files["data"]), "--arch", "cnn-small", "--width", "4", "--epochs", "4",
-            "--batch-size", "16", "--lr", "0.05", "--seed", "3", "--device", "cpu", "--threads", "1", "--no-progress"]  # fmt: skip
-    a, b, reached, seed = straight_and_resumed_after_kill(argv, tmp_path)
+            "--batch-size", str(BATCH), "--lr", "0.05", "--seed", "3", "--device", "cpu", "--threads", "1", "--no-progress"]  # fmt: skip
+    a, b, reached, seed = straight_and_resumed_after_kill(argv, tmp_path, writes_per_epoch=1)  # the checkpoint
     assert_same_tensors(a["state_dict"], b["state_dict"], f"teacher killed after epoch {reached}", seed)
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
 
@@ -126,46 +111,54 @@ def test_teacher_killed_at_a_random_point_resumes_to_the_same_weights(files, tmp
 @pytest.mark.slow
 def test_students_killed_at_a_random_point_resume_to_the_same_weights(files, tmp_path):
     argv = ["train-students", "--teacher", str(files["teacher"]), "--partition", str(files["partition"]),
-            "--dataset", str(files["data"]), "--arch", "cnn-small:width=4", "--epochs", "4", "--batch-size", "16",
+            "--dataset", str(files["data"]), "--arch", "cnn-small:width=4", "--epochs", "4", "--batch-size", str(BATCH),
             "--lr", "0.05", "--beta", "10", "--student-dropout", "0.3", "--seed", "1", "--device", "cpu",
             "--threads", "1", "--no-progress"]  # fmt: skip
-    a, b, reached, seed = straight_and_resumed_after_kill(argv, tmp_path)
+    a, b, reached, seed = straight_and_resumed_after_kill(argv, tmp_path, writes_per_epoch=2)  # checkpoint, metrics log
     for k, (sa, sb) in enumerate(zip(a["students"], b["students"])):
         assert_same_tensors(sa["state_dict"], sb["state_dict"], f"student {k}, killed after epoch {reached}", seed)
     assert_same_tensors(a["head"], b["head"], "head", seed)
 
 
-# A `nonn` command whose write pauses at a chosen call (marker file written), so the test can
-# SIGKILL it while the new artifact is half-made.
+# A `nonn` command that pauses right after the N-th call of a chosen function (a marker file
+# written), so the test can SIGKILL it at that point of its work: mid-training, or while a new
+# artifact is half-made.
 _PAUSED_RUN = textwrap.dedent(
     """
-    import importlib, sys, time
-    module_name, attribute, marker = sys.argv[1:4]
-    module = importlib.import_module(module_name)
-    real = getattr(module, attribute)
+    import functools, importlib, sys, time
+    module_name, attribute, marker, call = sys.argv[1:5]
+    owner = importlib.import_module(module_name)
+    *path, name = attribute.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    real = getattr(owner, name)
+    calls = 0
 
+    @functools.wraps(real)
     def paused(*args, **kwargs):
+        global calls
         result = real(*args, **kwargs)
-        open(marker, "w").close()
-        time.sleep(120)
+        calls += 1
+        if calls == int(call):
+            open(marker, "w").close()
+            time.sleep(600)
         return result
 
-    setattr(module, attribute, paused)
+    setattr(owner, name, paused)
     from nonn.cli import main
-    sys.exit(main(sys.argv[4:]))
+    sys.exit(main(sys.argv[5:]))
     """
 )
 
 
-def kill_during(module: str, attribute: str, argv: list[str], marker: Path) -> None:
-    """Run `nonn argv` with `module.attribute` pausing after its first call; SIGKILL it there."""
-    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_RUN, module, attribute, str(marker), *argv],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+def kill_during(module: str, attribute: str, argv: list[str], marker: Path, call: int = 1) -> None:
+    """Run `nonn argv` with `module.attribute` pausing after its `call`-th call; SIGKILL it there."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_RUN, module, attribute, str(marker), str(call), *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
         while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the write never started"
+            assert proc.poll() is None, f"the run ended before call {call} of {module}.{attribute}: {proc.stderr.read().decode()}"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
