@@ -96,7 +96,7 @@ def main() -> None:
             config = StudentsConfig(
                 partition=str(tmp / "partition.json"), out=str(tmp / f"students-{rep}.pt"), teacher=str(tmp / "teacher.pt"),
                 dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, epochs=1, batch_size=args.batch_size,
-                train_limit=args.images, eval_limit=256, device=str(device), amp=False, progress=False,
+                train_limit=args.images, eval_limit=256, device=str(device), precision="fp32", progress=False,
             )
             return train_students(config)["history"][-1]["images_per_s"]
 

@@ -38,6 +38,7 @@ from nonn.students.checkpoint import cpu_state_dict, load_checkpoint, load_torch
 from nonn.students.data import ImageDataset, load_dataset
 from nonn.students.loader import BatchLoader, make_loader
 from nonn.students.models import count_parameters, create_model
+from nonn.students.precision import PRECISIONS, Precision, synchronize
 
 __all__ = [
     "TEACHER_FORMAT",
@@ -60,8 +61,10 @@ class TeacherConfig:
     """Everything that defines a teacher training run.
 
     ``limit`` caps the images of each split (for quick trials); ``threads`` sets torch's
-    intra-op threads. ``device``, ``out``, ``resume``, ``overwrite``, ``log``, ``threads`` and
-    ``progress`` may change between a run and its resume; everything else must not.
+    intra-op threads; ``precision`` is fp32, bf16, fp16 or auto (the device's best, see
+    nonn.students.precision). ``device``, ``precision``, ``out``, ``resume``, ``overwrite``,
+    ``log``, ``threads`` and ``progress`` may change between a run and its resume; everything
+    else must not.
     """
 
     dataset: str = "digits"
@@ -77,6 +80,7 @@ class TeacherConfig:
     schedule: str = "cosine"
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
     out: str = "teacher.pt"
     resume: bool = False
     overwrite: bool = False
@@ -86,7 +90,7 @@ class TeacherConfig:
     progress: bool = True
 
     # Fields allowed to differ between a run and its resume.
-    RUNTIME_FIELDS = ("data_dir", "device", "out", "resume", "overwrite", "log", "threads", "progress")
+    RUNTIME_FIELDS = ("data_dir", "device", "precision", "out", "resume", "overwrite", "log", "threads", "progress")
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -102,6 +106,8 @@ class TeacherConfig:
             raise ValueError("lr must be > 0")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov momentum needs momentum > 0 (pass --no-nesterov or --momentum 0.9)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
@@ -210,6 +216,10 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
     )
     scheduler = _make_scheduler(optimizer, config)
+    precision = Precision.for_device(config.precision, device)
+    scaler = precision.loss_scaler()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     train_loader = make_loader(dataset, "train", config.batch_size, train=True, seed=config.seed, limit=config.limit)
     test_loader = make_loader(dataset, "test", config.batch_size, train=False, limit=config.limit)
     history: list[dict[str, Any]] = []
@@ -218,6 +228,8 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
         model.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
         train_loader.load_state_dict(checkpoint["rng"]["loader"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
@@ -232,9 +244,10 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
             return checkpoint
 
     params = count_parameters(model)
-    log.info("training %s (%d parameters) on %s (%d train / %d test images) on %s",
-             config.arch, params, dataset.name, train_loader.num_samples, test_loader.num_samples, device)
+    log.info("training %s (%d parameters) on %s (%d train / %d test images) on %s in %s",
+             config.arch, params, dataset.name, train_loader.num_samples, test_loader.num_samples, device, precision.name)
     for epoch in range(start_epoch, config.epochs):
+        synchronize(device)
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
@@ -247,11 +260,15 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
         for step, (x, y) in enumerate(bar):
             x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y)
+            with precision.autocast():
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(loss, optimizer)
+            else:
+                loss.backward()
+                optimizer.step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
@@ -261,6 +278,10 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
         loss_sum, correct = float(loss_sum), int(correct)
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is {loss_sum}); try a lower --lr")
+        skipped = scaler.take_skipped() if scaler is not None else 0
+        if skipped:
+            log.warning("epoch %d: %d of %d fp16 steps skipped (gradients overflowed); loss scale now %g",
+                        epoch + 1, skipped, len(train_loader), scaler.scale)
         scheduler.step()
         test = evaluate(model, test_loader, device)
         record = {
@@ -286,6 +307,7 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
             "epoch": epoch + 1,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,

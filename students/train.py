@@ -10,13 +10,16 @@ it ends exactly where an uninterrupted run would have (CPU, same seed).
 
 Under `torchrun --nproc_per_node N` the model is wrapped in DistributedDataParallel (gloo on
 CPU, nccl on GPU); every rank draws the same global batch (same seeded loader) and takes its
-own interleaved slice of it, as a DistributedSampler would, and only rank 0 evaluates and
-writes.
+own interleaved slice of it, as a DistributedSampler would, and only rank 0 evaluates, logs
+and writes. BatchNorm statistics are per rank unless `sync_bn` (see nonn.students.distributed).
+
+On CUDA the run trains in the precision its device does best (nonn.students.precision), with
+cuDNN autotuning; a resumed run restores every rank's random streams but is not bit-exact there,
+since cuDNN's kernels do not sum in a fixed order.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -41,7 +44,17 @@ from nonn.students.ensemble import (
     sample_presence,
 )
 from nonn.students.evaluate import evaluate_ensemble, student_name
+from nonn.students.distributed import (
+    DistInfo,
+    all_reduce_sums,
+    gather_objects,
+    join_process_group,
+    leave_process_group,
+    shard,
+    sync_batchnorm,
+)
 from nonn.students.losses import KDLoss, make_transfer_loss
+from nonn.students.precision import PRECISIONS, LossScaler, Precision, synchronize
 from nonn.students.teacher import resolve_device
 
 __all__ = [
@@ -65,7 +78,10 @@ SCHEDULES = ("cosine", "step")
 log = logging.getLogger(__name__)
 
 # Settings that only say where or how to run; everything else must match to resume a run.
-_RUN_ONLY_FIELDS = {"out", "resume", "overwrite", "progress", "device", "amp", "metrics", "teacher", "teacher_factory", "weights", "partition", "data_dir", "epochs"}
+_RUN_ONLY_FIELDS = {
+    "out", "resume", "overwrite", "progress", "device", "precision", "sync_bn", "metrics", "teacher",
+    "teacher_factory", "weights", "partition", "data_dir", "epochs",
+}  # fmt: skip
 
 
 @dataclass
@@ -101,7 +117,8 @@ class StudentsConfig:
     train_limit: int | None = None  # use only the first N training images
     eval_limit: int | None = None  # evaluate on the first N test images
     device: str = "auto"
-    amp: bool = True  # mixed precision (only on CUDA)
+    precision: str = "auto"  # fp32, bf16, fp16 or auto (by the device: see nonn.students.precision)
+    sync_bn: bool = False  # SyncBatchNorm across DDP ranks (CUDA only)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -116,6 +133,7 @@ class StudentsConfig:
             (self.batch_size >= 2, f"batch size must be >= 2 (BatchNorm), got {self.batch_size}"),
             (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (self.precision in PRECISIONS, f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}"),
             (self.schedule in SCHEDULES, f"schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}"),
             (self.at in AT_FORMS, f"activation transfer {self.at!r}: expected one of {', '.join(AT_FORMS)}"),
             (self.beta is None or self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
@@ -149,43 +167,6 @@ class LoadedStudents:
     @property
     def groups(self) -> list[list[int]]:
         return self.ensemble.groups
-
-
-# ----------------------------------------------------------------------------------------------
-# Devices and distributed set-up
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_name: str) -> tuple[_Dist, torch.device]:
-    """Join the torchrun process group when launched under it (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist(), resolve_device(device_name)
-    import torch.distributed as dist
-
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(rank, world, local_rank), device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,19 +411,31 @@ def load_students(path: str | os.PathLike[str], map_location: Any = "cpu") -> Lo
     return LoadedStudents(ensemble.eval(), meta)
 
 
-def _rng_state(loader: Any, dropout_gen: torch.Generator) -> dict[str, Any]:
+def _rng_state(loader: Any, dropout_gen: torch.Generator, cuda_states: list[Tensor] | None) -> dict[str, Any]:
     state = {"loader": loader.state_dict(), "dropout": dropout_gen.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda_states is not None:
+        state["cuda_per_rank"] = cuda_states
     return state
 
 
-def _restore_rng(state: dict[str, Any], loader: Any, dropout_gen: torch.Generator) -> None:
+def _cuda_rng_states(device: torch.device, info: DistInfo) -> list[Tensor] | None:
+    """Every rank's CUDA random state, in rank order (a collective: all ranks call it); None on CPU."""
+    return gather_objects(torch.cuda.get_rng_state(device), info) if device.type == "cuda" else None
+
+
+def _restore_rng(state: dict[str, Any], loader: Any, dropout_gen: torch.Generator, device: torch.device, info: DistInfo) -> None:
     loader.load_state_dict(state["loader"])
     dropout_gen.set_state(state["dropout"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type != "cuda":
+        return
+    per_rank = state.get("cuda_per_rank")
+    if per_rank is not None and len(per_rank) == info.world:
+        torch.cuda.set_rng_state(per_rank[info.rank], device)
+    else:
+        saved = "no" if per_rank is None else f"{len(per_rank)} rank(s)'"
+        log.warning("the checkpoint holds %s CUDA random state for this run's %d rank(s): CUDA random streams start afresh",
+                    saved, info.world)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,19 +452,6 @@ class _TrainForward(nn.Module):
     def forward(self, x: Tensor, present: Tensor | None, need_maps: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         out = self.ensemble.forward_train(x, present, need_maps)
         return out.logits, out.pooled, out.maps
-
-
-def _shard(x: Tensor, dist_info: _Dist) -> Tensor:
-    return x[dist_info.rank :: dist_info.world] if dist_info.enabled else x
-
-
-def _amp_context(device: torch.device, enabled: bool) -> tuple[contextlib.AbstractContextManager, Any]:
-    """autocast (bf16 where supported, else fp16 with a GradScaler) on CUDA; nothing on CPU."""
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext(), None
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
 def _make_scheduler(config: StudentsConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -506,7 +486,8 @@ def _summary_metrics(report: Any, ensemble: StudentEnsemble, teacher_params: int
 def train_students(config: StudentsConfig) -> dict[str, Any]:
     """Train the K students jointly; returns the final metrics (also saved in the checkpoint).
 
-    Raises ValueError / FileExistsError / ArtifactError on bad input before anything is written.
+    Raises ValueError / FileExistsError / ArtifactError on bad input before anything is written,
+    and FloatingPointError (on every rank) when the loss stops being finite.
     """
     config.validate()
     out = Path(config.out)
@@ -514,7 +495,14 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
         raise FileExistsError(f"{out} exists; pass --resume to continue that run or --overwrite to replace it")
     if config.resume and not out.exists():
         raise FileNotFoundError(f"--resume: {out} does not exist (nothing to resume)")
-    dist_info, device = _init_distributed(config.device)
+    info, device = join_process_group(config.device)
+    try:
+        return _train(config, out, info, device)
+    finally:
+        leave_process_group(info)
+
+
+def _train(config: StudentsConfig, out: Path, info: DistInfo, device: torch.device) -> dict[str, Any]:
     setup = _prepare(config, device)
     saved = _load_raw(out, "cpu") if config.resume else None
     if saved is not None:
@@ -533,7 +521,8 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
         ensemble.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.momentum > 0
     )
     scheduler = _make_scheduler(config, optimizer)
-    autocast, scaler = _amp_context(device, config.amp)
+    precision = Precision.for_device(config.precision, device)
+    scaler = precision.loss_scaler()
     kd_loss = KDLoss(config.alpha, config.temperature, config.kd_scale)
     at_form = config.effective_at
     at_loss = make_transfer_loss(at_form, config.beta)
@@ -549,19 +538,23 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
         scheduler.load_state_dict(saved["scheduler"])
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
-        _restore_rng(saved["rng"], loader, dropout_gen)
+        _restore_rng(saved["rng"], loader, dropout_gen, device, info)
         start_epoch, history = int(saved["epoch"]), list(saved.get("history") or [])
         if config.schedule == "step" and saved["config"].get("epochs") != config.epochs:
             log.info("extending the run from %s to %s epochs", saved["config"].get("epochs"), config.epochs)
 
-    train_module: nn.Module = _TrainForward(ensemble)
-    if dist_info.enabled:
+    train_module: nn.Module = _TrainForward(sync_batchnorm(ensemble, device, info) if config.sync_bn else ensemble)
+    if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         train_module = DistributedDataParallel(train_module, device_ids=[device.index] if device.type == "cuda" else None)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
+    log.info("training %d student(s) on %s in %s%s", ensemble.num_students, device, precision.name,
+             f" ({info.world} processes)" if info.enabled else "")
 
     need_maps = at_form == "spatial"
-    show = config.progress and dist_info.is_main
+    show = config.progress and info.is_main
     metrics: dict[str, Any] = dict(saved.get("metrics") or {}) if saved is not None else {}
     teacher_params = setup.teacher_meta["params"]
     for epoch in range(start_epoch, config.epochs):
@@ -569,18 +562,21 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
         # Running sums stay on the device (no per-step synchronisation); read once per epoch.
         running = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kd, at, correct
         seen = 0
+        synchronize(device)
         started = time.perf_counter()
         bar = _progress(loader, show, f"epoch {epoch + 1}/{config.epochs}")
         for step, (x_all, y_all) in enumerate(bar):
-            if len(y_all) < 2 * dist_info.world:
+            if len(y_all) < 2 * info.world:
                 continue  # too few images for BatchNorm on every rank; every rank skips alike
-            present_all = sample_presence(len(y_all), ensemble.num_students, config.student_dropout, dropout_gen)
-            x = _shard(x_all, dist_info).to(device, non_blocking=True)
-            y = _shard(y_all, dist_info).to(device, non_blocking=True)
-            present = _shard(present_all, dist_info).to(device, non_blocking=True)
-            with autocast:
+            present = None
+            if config.student_dropout > 0:
+                present_all = sample_presence(len(y_all), ensemble.num_students, config.student_dropout, dropout_gen)
+                present = shard(present_all, info).to(device, non_blocking=True)
+            x = shard(x_all, info).to(device, non_blocking=True)
+            y = shard(y_all, info).to(device, non_blocking=True)
+            with precision.autocast():
                 t_logits, t_map = setup.features(x)
-                logits, pooled, maps = train_module(x, present if config.student_dropout > 0 else None, need_maps)
+                logits, pooled, maps = train_module(x, present, need_maps)
                 kd = kd_loss(logits, t_logits, y)
                 if at_form == "pooled":
                     t_pooled = t_map.float().mean(dim=(2, 3)).index_select(1, partition_order)
@@ -592,9 +588,7 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
                 loss = kd + at
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                scaler.step(loss, optimizer)
             else:
                 loss.backward()
                 optimizer.step()
@@ -604,38 +598,49 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
             if show and step % 10 == 0:
                 values = running.tolist()
                 bar.set_postfix(loss=f"{values[0] / seen:.3f}", acc=f"{values[3] / seen:.3f}", refresh=False)
+        synchronize(device)  # the clock must include the queued GPU work
         elapsed = time.perf_counter() - started
-        values = running.tolist()
-        if not all(math.isfinite(v) for v in values):
-            raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss {values[0]}); lower --lr or --beta")
-        sums = {"loss": values[0], "kd": values[1], "at": values[2], "correct": values[3], "images": seen}
+        # Reduce first, then check: every rank sees the same sums, so all stop together on a NaN.
+        sums = torch.cat([running, running.new_tensor([seen])])
+        loss_sum, kd_sum, at_sum, correct, images = all_reduce_sums(sums, info).tolist()
+        if not all(math.isfinite(v) for v in (loss_sum, kd_sum, at_sum)):
+            where = f" on at least one of {info.world} ranks" if info.enabled else ""
+            raise FloatingPointError(f"training diverged in epoch {epoch + 1}{where} (loss {loss_sum / max(images, 1)}); "
+                                     "lower --lr or --beta")
+        skipped = scaler.take_skipped() if scaler is not None else 0
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        if dist_info.enabled:
-            sums = _all_reduce_sums(sums, device)
-        if dist_info.is_main:
+        cuda_states = _cuda_rng_states(device, info)
+        if info.is_main:
             report = evaluate_ensemble(ensemble, test_loader, device, pairs=ensemble.num_students >= 4)
-            images = max(sums["images"], 1)
+            images = max(int(images), 1)
             entry = {
                 "epoch": epoch + 1,
                 "lr": lr,
-                "loss": sums["loss"] / images,
-                "kd_loss": sums["kd"] / images,
-                "at_loss": sums["at"] / images,
-                "train_accuracy": sums["correct"] / images,
+                "loss": loss_sum / images,
+                "kd_loss": kd_sum / images,
+                "at_loss": at_sum / images,
+                "train_accuracy": correct / images,
                 "test_accuracy": report.accuracy,
                 "accuracy_without": report.missing_one,
                 "contribution": {name: report.accuracy - acc for name, acc in report.missing_one.items()},
-                "train_images": sums["images"],
-                "world_size": dist_info.world,
-                "images_per_s": sums["images"] / elapsed if elapsed > 0 else None,
+                "train_images": images,
+                "world_size": info.world,
+                "precision": precision.name,
+                "images_per_s": images / elapsed if elapsed > 0 else None,
                 "seconds": elapsed,
             }
+            if scaler is not None:
+                entry.update(skipped_steps=skipped, loss_scale=scaler.scale)
+                if skipped:
+                    log.warning("epoch %d: %d of %d fp16 steps skipped (gradients overflowed); loss scale now %g",
+                                epoch + 1, skipped, len(loader), scaler.scale)
             history.append(entry)
             metrics = _summary_metrics(report, ensemble, teacher_params)
             log.info(
-                "epoch %d/%d loss %.4f (kd %.4f, at %.4f) train acc %.4f test acc %.4f",
-                epoch + 1, config.epochs, entry["loss"], entry["kd_loss"], entry["at_loss"], entry["train_accuracy"], report.accuracy,
+                "epoch %d/%d loss %.4f (kd %.4f, at %.4f) train acc %.4f test acc %.4f, %.1f images/s",
+                epoch + 1, config.epochs, entry["loss"], entry["kd_loss"], entry["at_loss"], entry["train_accuracy"],
+                report.accuracy, entry["images_per_s"] or 0.0,
             )
             checkpoint = {
                 "format": FORMAT,
@@ -658,22 +663,14 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": _rng_state(loader, dropout_gen),
+                "rng": _rng_state(loader, dropout_gen, cuda_states),
             }
             save_checkpoint(checkpoint, out)
             atomic_write_jsonl(config.metrics_path, history)
-        if dist_info.enabled:
+        if info.enabled:
             import torch.distributed as dist
 
             dist.barrier()
     setup.features.close()
-    return {"out": str(out), "epochs": config.epochs, "history": history, **metrics}
-
-
-def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
-    import torch.distributed as dist
-
-    keys = sorted(sums)
-    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(values)
-    return {k: (int(v) if k == "images" else float(v)) for k, v in zip(keys, values.tolist())}
+    seconds = sum(float(h.get("seconds") or 0.0) for h in history)
+    return {"out": str(out), "epochs": config.epochs, "history": history, "train_seconds": seconds, **metrics}

@@ -81,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except FloatingPointError as exc:  # a training run that diverged: the message says what to change
+        if args.verbose:
+            raise
+        print(f"nonn: error: {exc}", file=sys.stderr)
+        return 1
     except (CLIError, ValueError, OSError) as exc:  # OSError: missing files, permissions, ports in use
         if args.verbose:
             raise

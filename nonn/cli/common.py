@@ -38,6 +38,20 @@ def add_torch_device_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# nonn.students.precision.PRECISIONS, repeated so that building the parser does not import torch.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    """--precision for training (fp32, bf16, fp16 or auto)."""
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="numeric precision of training: auto picks by the device actually used: bf16 on CUDA compute "
+        "capability >= 8.0, fp16 with loss scaling on 7.x, else fp32 (always fp32 on CPU); bf16/fp16 on a CPU "
+        "run CPU autocast (default: auto)",
+    )  # fmt: skip
+
+
 # nonn.runtime.aggregator.TRANSPORTS, repeated so that building the parser does not import grpc.
 TRANSPORTS = ("auto", "stream", "unary")
 

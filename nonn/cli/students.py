@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
-from nonn.cli.common import add_data_args, add_seed_arg, add_torch_device_arg, positive_int
+from nonn.cli.common import add_data_args, add_precision_arg, add_seed_arg, add_torch_device_arg, positive_int
 
 TRAIN_EPILOG = """\
 examples:
@@ -18,12 +19,15 @@ examples:
   nonn train-students ... --student-dropout 0.2
   # ablations with the same recipe
   nonn train-students ... --baseline single-kd|random-partition|no-at
-  # several processes (gloo on CPU, nccl on GPU)
-  torchrun --nproc_per_node 2 -m nonn train-students ...
+  # several processes (gloo on CPU, nccl on GPU); --sync-bn for BatchNorm over the global batch
+  torchrun --nproc_per_node 2 -m nonn train-students ... --device cuda --sync-bn
 
 The checkpoint (format nonn.students/1) is written atomically after every epoch, with the
 metrics log beside it (<out>.metrics.jsonl: loss terms, train/test accuracy, accuracy with
-each student zeroed). After a kill, the same command with --resume continues exactly.
+each student zeroed, images/s). After a kill, the same command with --resume continues: on CPU
+exactly as an uninterrupted run; on CUDA with every rank's random state restored, though not
+bit for bit (cuDNN kernels do not sum in a fixed order). Under torchrun each rank's BatchNorm
+normalises over its own share of the batch unless --sync-bn (CUDA only).
 """
 
 
@@ -75,7 +79,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--limit", type=positive_int, default=None, help="use only the first N training images")
     train.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on only the first N test images")
     add_torch_device_arg(train)
-    train.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
+    add_precision_arg(train)
+    train.add_argument("--no-amp", action="store_true", help=argparse.SUPPRESS)  # old spelling of --precision fp32
+    train.add_argument("--sync-bn", action="store_true",
+                       help="under torchrun on CUDA: BatchNorm statistics over the whole global batch (SyncBatchNorm) "
+                            "instead of each rank's share")
     train.add_argument("--out", required=True, help="students checkpoint to write (e.g. runs/fmnist/students.pt)")
     train.add_argument("--metrics", default=None, help="JSON-lines metrics file (default: <out>.metrics.jsonl)")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out (same settings required)")
@@ -108,6 +116,9 @@ def run_train_students(args: argparse.Namespace) -> int:
 
     from nonn.students.train import StudentsConfig, train_students
 
+    if args.no_amp:
+        logging.getLogger("nonn").warning("--no-amp is deprecated and will be removed: use --precision fp32")
+        args.precision = "fp32"
     if args.threads:
         torch.set_num_threads(args.threads)
     config = StudentsConfig(
@@ -140,7 +151,8 @@ def run_train_students(args: argparse.Namespace) -> int:
         train_limit=args.limit,
         eval_limit=args.eval_limit,
         device=args.device,
-        amp=not args.no_amp,
+        precision=args.precision,
+        sync_bn=args.sync_bn,
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,

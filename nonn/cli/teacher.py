@@ -6,7 +6,7 @@ import argparse
 import json
 
 from nonn.cli import CLIError
-from nonn.cli.common import add_data_args, add_seed_arg, add_torch_device_arg, positive_int
+from nonn.cli.common import add_data_args, add_precision_arg, add_seed_arg, add_torch_device_arg, positive_int
 
 TRAIN_EPILOG = """\
 examples:
@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="per-epoch learning-rate schedule: cosine to zero, or step (x0.2 at 30/60/80%% of the epochs) (default: cosine)")
     add_seed_arg(train)
     add_torch_device_arg(train)
+    add_precision_arg(train)
     train.add_argument("--out", required=True, help="checkpoint file to write (e.g. runs/fmnist/teacher.pt)")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out (same settings required)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out instead of refusing")
@@ -74,7 +75,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
     config = TeacherConfig(
         dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, arch_kwargs=arch_kwargs, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        nesterov=args.nesterov, schedule=args.schedule, seed=args.seed, device=args.device, out=args.out,
+        nesterov=args.nesterov, schedule=args.schedule, seed=args.seed, device=args.device, precision=args.precision, out=args.out,
         resume=args.resume, overwrite=args.overwrite, log=args.log, limit=args.limit, threads=args.threads,
         progress=not args.no_progress,
     )
