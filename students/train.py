@@ -44,6 +44,7 @@ from nonn.students.ensemble import (
     sample_presence,
 )
 from nonn.students.evaluate import evaluate_ensemble, student_name
+from nonn.students.layout import to_layout, training_memory_format
 from nonn.students.distributed import (
     DistInfo,
     all_reduce_sums,
@@ -192,7 +193,7 @@ class TeacherFeatures:
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
         self._captured = output
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._captured = None
         logits = self.model(x)
@@ -319,7 +320,7 @@ def _prepare(config: StudentsConfig, device: torch.device) -> _Setup:
     layer = config.layer or part.get("layer") or teacher.feature_layer
     if not layer:
         raise ValueError("the teacher's feature layer is unknown: give --layer NAME")
-    model = teacher.model.to(device)
+    model = teacher.model.to(device, memory_format=torch.channels_last)  # forward only: always safe
     features = TeacherFeatures(model, layer)
     probe = torch.as_tensor(data.normalize(data.test_x[:2] if len(data.test_x) >= 2 else data.train_x[:2])).to(device)
     logits, fmap = features(probe)
@@ -509,9 +510,9 @@ def _train(config: StudentsConfig, out: Path, info: DistInfo, device: torch.devi
         _check_resume_settings(saved, config, setup, out)
 
     torch.manual_seed(config.seed)
-    ensemble = build_ensemble(
-        setup.archs, setup.groups, setup.data.num_classes, setup.data.input_shape[0], setup.out_hw
-    ).to(device)
+    ensemble = build_ensemble(setup.archs, setup.groups, setup.data.num_classes, setup.data.input_shape[0], setup.out_hw)
+    layout = training_memory_format(ensemble, device)  # channels_last where torch trains it safely
+    ensemble = ensemble.to(device, memory_format=layout)
     from nonn.students.loader import make_loader
 
     loader = make_loader(setup.data, "train", batch_size=config.batch_size, train=True, seed=config.seed, limit=config.train_limit)
@@ -572,7 +573,7 @@ def _train(config: StudentsConfig, out: Path, info: DistInfo, device: torch.devi
             if config.student_dropout > 0:
                 present_all = sample_presence(len(y_all), ensemble.num_students, config.student_dropout, dropout_gen)
                 present = shard(present_all, info).to(device, non_blocking=True)
-            x = shard(x_all, info).to(device, non_blocking=True)
+            x = to_layout(shard(x_all, info), device, layout)
             y = shard(y_all, info).to(device, non_blocking=True)
             with precision.autocast():
                 t_logits, t_map = setup.features(x)
