@@ -1,12 +1,13 @@
 """Images/s of joint student training (train_students) against a minimal hand-written loop.
 
 Both sides do the same work per batch: the same seeded BatchLoader (shuffle, crop, flip,
-normalise), the frozen teacher's forward (logits + final feature map), the K students and the
-head, KD + pooled activation transfer, backward and an SGD step. train_students adds what a
-real run needs (forward hook, dropout mask, running metrics, DDP-ready wrapper); this measures
-what that costs. Each side's time covers the training pass only (train_students reports its
-per-epoch images/s without the evaluation); the two sides alternate --repeat times and the
-best pass of each is compared.
+normalise), the frozen teacher's forward under inference_mode (logits + final feature map),
+the K students and the head, KD + pooled activation transfer, backward and an SGD step, with
+models and batches in channels_last. train_students adds what a real run needs (forward hook,
+running metrics, DDP-ready wrapper, layout and precision choice); this measures what that
+costs. Each side's time covers the training pass only and is read after the device has
+finished its queued work (train_students reports its per-epoch images/s without the
+evaluation); the two sides alternate --repeat times and the best pass of each is compared.
 
     python benchmarks/train_speed.py                      # CPU, 2048 Fashion-MNIST images
     python benchmarks/train_speed.py --device cuda --images 20000 --batch-size 256
@@ -29,6 +30,7 @@ from nonn.students.data import load_dataset
 from nonn.students.ensemble import build_ensemble, parse_arch_list
 from nonn.students.loader import make_loader
 from nonn.students.models import create_model
+from nonn.students.precision import synchronize
 from nonn.students.train import StudentsConfig, resolve_device, train_students
 
 
@@ -36,12 +38,12 @@ def hand_written_pass(teacher, ensemble, optimizer, loader, partition_order, dev
     """One training pass written out plainly; returns images/s."""
     ensemble.train()
     seen = 0
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.no_grad():
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with torch.inference_mode():
             t_map = teacher.forward_features(x)
             t_logits = teacher.forward_head(t_map)
         pooled = [student(x) for student in ensemble.students]
@@ -56,8 +58,7 @@ def hand_written_pass(teacher, ensemble, optimizer, loader, partition_order, dev
         loss.backward()
         optimizer.step()
         seen += len(y)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return seen / (time.perf_counter() - start)
 
 
@@ -87,7 +88,7 @@ def main() -> None:
         c = teacher.num_features
         groups = [list(range(k, c, args.students)) for k in range(args.students)]
         Partition(num_filters=c, groups=groups, strategy="balanced", layer=teacher.feature_layer).save(tmp / "partition.json")
-        teacher = teacher.to(device).eval()
+        teacher = teacher.to(device, memory_format=torch.channels_last).eval()
         with torch.no_grad():
             out_hw = tuple(teacher.forward_features(torch.zeros(1, *data.input_shape, device=device)).shape[2:])
         partition_order = torch.tensor([i for g in groups for i in g], device=device)
@@ -103,7 +104,7 @@ def main() -> None:
         def run_hand() -> float:
             torch.manual_seed(0)
             ensemble = build_ensemble(parse_arch_list(args.arch, args.students), groups, data.num_classes,
-                                      data.input_shape[0], out_hw).to(device)
+                                      data.input_shape[0], out_hw).to(device, memory_format=torch.channels_last)
             optimizer = torch.optim.SGD(ensemble.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
             loader = make_loader(data, "train", batch_size=args.batch_size, train=True, seed=0, limit=args.images)
             return hand_written_pass(teacher, ensemble, optimizer, loader, partition_order, device, 0.9, 4.0, 1e4)

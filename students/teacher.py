@@ -8,7 +8,9 @@ Checkpoint format ``"nonn.teacher/1"`` (a dict that loads with ``torch.load(weig
 - ``epoch`` (completed epochs), ``optimizer``, ``scheduler``, ``rng`` (torch CPU/CUDA and the
   batch loader's generator), so ``--resume`` continues exactly where a killed run stopped;
 - ``config`` (:class:`TeacherConfig` as a dict), ``history`` (one record per epoch, the same
-  records as the JSON-lines log), ``metrics`` (the last epoch's figures).
+  records as the JSON-lines log: losses, accuracies, learning rate, seconds with the evaluation,
+  images/s of the training pass alone, precision, and under fp16 the skipped steps and loss
+  scale), ``metrics`` (the last epoch's figures).
 
 A checkpoint is written atomically after every epoch; the log is rewritten from ``history``
 with it, so the two never disagree.
@@ -276,6 +278,8 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
             if config.progress and step % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{int(correct) / seen:.4f}", refresh=False)
         bar.close()
+        synchronize(device)  # the training pass's clock must include the queued GPU work
+        train_seconds = time.perf_counter() - started
         loss_sum, correct = float(loss_sum), int(correct)
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is {loss_sum}); try a lower --lr")
@@ -293,7 +297,11 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
             "test_acc": test["acc"],
             "lr": lr,
             "seconds": round(time.perf_counter() - started, 3),
+            "images_per_s": round(seen / train_seconds, 1) if train_seconds > 0 else None,
+            "precision": precision.name,
         }
+        if scaler is not None:
+            record.update(skipped_steps=skipped, loss_scale=scaler.scale)
         history.append(record)
         log.info("epoch %d/%d: train loss %.4f acc %.4f, test loss %.4f acc %.4f (%.1f s)", record["epoch"],
                  config.epochs, record["train_loss"], record["train_acc"], record["test_loss"], record["test_acc"], record["seconds"])

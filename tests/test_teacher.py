@@ -49,7 +49,8 @@ def test_training_learns_and_writes_checkpoint_and_log(tmp_path, toy_npz):
     ckpt = train_teacher(config_for(toy_npz, tmp_path / "t.pt", epochs=4, log=str(log_path)))
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
-    assert set(records[0]) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
+    assert set(records[0]) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_s", "precision"}
+    assert records[0]["precision"] == "fp32" and records[0]["images_per_s"] > 0
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert records[-1]["test_acc"] > 0.6  # chance is 1/3
     assert records[0]["lr"] == pytest.approx(0.05) and records[-1]["lr"] < records[0]["lr"]  # cosine

@@ -1,8 +1,9 @@
-"""Argument groups shared by several commands, so every command spells them the same way."""
+"""Argument groups and the summary line shared by several commands, so that every command spells them the same way."""
 
 from __future__ import annotations
 
 import argparse
+import time
 
 DATASET_HELP = (
     "data set: digits (bundled with scikit-learn), mnist, fashion-mnist, cifar10, cifar100, "
@@ -50,6 +51,14 @@ def add_precision_arg(parser: argparse.ArgumentParser) -> None:
         "capability >= 8.0, fp16 with loss scaling on 7.x, else fp32 (always fp32 on CPU); bf16/fp16 on a CPU "
         "run CPU autocast (default: auto)",
     )  # fmt: skip
+
+
+def summary_line(command: str, written: str, detail: str, metric: str, started: float) -> str:
+    """The one line a training command ends with: what it wrote, its key figure, how long it took.
+
+    `started` is time.perf_counter() when the command began.
+    """
+    return f"{command}: wrote {written} ({detail}); {metric}; took {time.perf_counter() - started:.1f} s"
 
 
 # nonn.runtime.aggregator.TRANSPORTS, repeated so that building the parser does not import grpc.

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from nonn.cli import CLIError
-from nonn.cli.common import add_data_args, add_seed_arg, add_torch_device_arg, positive_int
+from nonn.cli.common import add_data_args, add_seed_arg, add_torch_device_arg, positive_int, summary_line
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -181,6 +182,8 @@ def _teacher_fan(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], di
 def run_partition(args: argparse.Namespace) -> int:
     from nonn.partition.api import partition_fan
 
+    started = time.perf_counter()
+    written = [args.out]
     if args.fan:
         if args.weights:
             raise CLIError("--weights goes with --teacher-factory, not --fan")
@@ -191,6 +194,7 @@ def run_partition(args: argparse.Namespace) -> int:
         fan_path = Path(args.fan_out) if args.fan_out else Path(args.out).parent / "fan.npy"
         _save_npy(fan_path, fan)
         extra["fan"] = str(fan_path)
+        written.append(str(fan_path))
         print(f"FAN {fan.shape[0]}x{fan.shape[1]} from {extra['images']} images of layer {layer} -> {fan_path}")
     try:
         partition = partition_fan(
@@ -209,16 +213,15 @@ def run_partition(args: argparse.Namespace) -> int:
         source = f"{args.fan}: " if args.fan else ""
         raise ValueError(f"{source}{exc}") from exc
     partition.save(args.out)
-    modularity = "n/a" if partition.modularity is None else f"{partition.modularity + 0.0:.4f}"
-    print(
-        f"partition K={partition.num_students} strategy={partition.strategy}: sizes {partition.group_sizes}, "
-        f"coverage {partition.coverage:.3f}, modularity {modularity}, "
-        f"{partition.stats['edges_kept']} edges kept, {partition.stats['isolated_filters']} isolated filters "
-        f"-> {args.out}"
-    )
     if args.plot:
         from nonn.partition.plot import plot_partition
 
         plot_partition(fan, partition, args.plot)
-        print(f"plot -> {args.plot}")
+        written.append(args.plot)
+    modularity = "n/a" if partition.modularity is None else f"{partition.modularity + 0.0:.4f}"
+    detail = (
+        f"K={partition.num_students} {partition.strategy}: sizes {partition.group_sizes}, coverage {partition.coverage:.3f}, "
+        f"{partition.stats['edges_kept']} edges kept, {partition.stats['isolated_filters']} isolated filters"
+    )
+    print(summary_line("partition", ", ".join(written), detail, f"modularity {modularity}", started))
     return 0

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import time
 
-from nonn.cli.common import add_data_args, add_precision_arg, add_seed_arg, add_torch_device_arg, positive_int
+from nonn.cli.common import add_data_args, add_precision_arg, add_seed_arg, add_torch_device_arg, positive_int, summary_line
 
 TRAIN_EPILOG = """\
 examples:
@@ -116,6 +116,7 @@ def run_train_students(args: argparse.Namespace) -> int:
 
     from nonn.students.train import StudentsConfig, train_students
 
+    started = time.perf_counter()
     if args.no_amp:
         logging.getLogger("nonn").warning("--no-amp is deprecated and will be removed: use --precision fp32")
         args.precision = "fp32"
@@ -160,8 +161,13 @@ def run_train_students(args: argparse.Namespace) -> int:
     )
     result = train_students(config)
     if int(os.environ.get("RANK", "0")) == 0:
-        shown = {k: result[k] for k in ("out", "epochs", "accuracy", "accuracy_without", "params_per_student", "teacher_student_ratio") if k in result}
-        print(json.dumps(shown, indent=2))
+        params = result["params_per_student"]
+        epoch = result["history"][-1]["epoch"] if result["history"] else 0
+        detail = (f"{len(params)} student(s) of at most {max(params):,} parameters, the teacher "
+                  f"{result['teacher_student_ratio']:.1f}x larger; epoch {epoch}/{result['epochs']}")
+        worst = result.get("worst_accuracy_one_lost")
+        lost = "" if worst is None else f", {worst:.4f} with the worst student lost"
+        print(summary_line("train-students", result["out"], detail, f"ensemble test accuracy {result['accuracy']:.4f}{lost}", started))
     return 0
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from nonn.cli import CLIError
-from nonn.cli.common import add_data_args, add_precision_arg, add_seed_arg, add_torch_device_arg, positive_int
+from nonn.cli.common import add_data_args, add_precision_arg, add_seed_arg, add_torch_device_arg, positive_int, summary_line
 
 TRAIN_EPILOG = """\
 examples:
@@ -17,7 +18,8 @@ examples:
   nonn train-teacher --dataset digits --arch cnn-small --epochs 2 --limit 256 --out /tmp/t.pt --overwrite
 
 The checkpoint (format nonn.teacher/1) is written atomically after every epoch; the log has one
-JSON object per epoch: epoch, train_loss, train_acc, test_loss, test_acc, lr, seconds.
+JSON object per epoch: epoch, train_loss, train_acc, test_loss, test_acc, lr, seconds (with the
+evaluation), images_per_s (training pass alone), precision.
 """
 
 
@@ -71,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train_teacher(args: argparse.Namespace) -> int:
     from nonn.students.teacher import TeacherConfig, train_teacher
 
+    started = time.perf_counter()
     arch_kwargs = {k: v for k, v in (("width", args.width), ("dropout", args.dropout)) if v is not None}
     config = TeacherConfig(
         dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, arch_kwargs=arch_kwargs, epochs=args.epochs,
@@ -81,8 +84,9 @@ def run_train_teacher(args: argparse.Namespace) -> int:
     )
     checkpoint = train_teacher(config)
     m = checkpoint["metrics"]
-    print(f"{args.out}: {checkpoint['arch']['name']} ({m['params']:,} parameters), epoch {checkpoint['epoch']}/{args.epochs}, "
-          f"test accuracy {m['test_acc']:.4f}, test loss {m['test_loss']:.4f}, {m['train_seconds']:.0f} s training")
+    detail = f"{checkpoint['arch']['name']}, {m['params']:,} parameters; epoch {checkpoint['epoch']}/{args.epochs}"
+    print(summary_line("train-teacher", args.out, detail, f"test accuracy {m['test_acc']:.4f}, test loss {m['test_loss']:.4f}",
+                       started))
     return 0
 
 
