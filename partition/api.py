@@ -30,13 +30,17 @@ def partition_fan(
     layer: str | None = None,
     teacher: dict[str, Any] | None = None,
     extra_params: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    input_contract: dict[str, Any] | None = None,
 ) -> Partition:
     """Group the FAN's filters into `num_students` groups (NONN.md section 2).
 
     strategy: "balanced" (every filter used, sizes within `tolerance` of C/K) or "paper" (the
     prototype's rule, drops the largest cluster). resolution / percentile / seed: Louvain
     resolution, edge-threshold percentile of the non-zero weights, Louvain seed.
-    extra_params (e.g. top_k used to build the FAN) are recorded in partition.params.
+    extra_params (e.g. top_k used to build the FAN) are recorded in partition.params; data (the
+    data set's spec) and input_contract (how the teacher's images were normalised) are recorded
+    for the stages after.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown grouping strategy {strategy!r}; expected one of {sorted(STRATEGIES)}")
@@ -61,6 +65,8 @@ def partition_fan(
         layer=layer,
         teacher=teacher,
         stats=stats,
+        data=data,
+        input_contract=input_contract,
     )
 
 

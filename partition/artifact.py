@@ -5,7 +5,10 @@ groups (K lists of teacher filter indices, ascending; group k feeds student k), 
 strategy, params (every parameter used: top_k, percentile, resolution, tolerance, ...),
 modularity (of the Louvain communities on the thresholded FAN; null when no edge survives),
 coverage (fraction of the C filters that are in some group), seed, teacher (fingerprint,
-arch, ... or null), stats (threshold, edges kept, isolated filters, community sizes, ...).
+arch, ... or null), stats (threshold, edges kept, isolated filters, community sizes, ...),
+data (the data set the activations came from: dataset, data_dir, image_size; or null) and
+input_contract (how images were normalised for the teacher, nonn.runtime.input_contract; or
+null), which `nonn train-students` reuses.
 Validated on load: a bad file raises ArtifactError naming the path and the problem.
 """
 
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nonn.artifacts import ArtifactError, atomic_write_json, read_json_artifact
+from nonn.runtime.input_contract import InputContract
 
 __all__ = ["PARTITION_FORMAT", "Partition"]
 
@@ -40,6 +44,8 @@ class Partition:
     layer: str | None = None
     teacher: dict[str, Any] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] | None = None
+    input_contract: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.groups = [sorted(int(f) for f in g) for g in self.groups]
@@ -102,7 +108,14 @@ class Partition:
             "seed": self.seed,
             "teacher": data["teacher"],
             "stats": data["stats"],
+            "data": data["data"],
+            "input_contract": data["input_contract"],
         }
+
+    @property
+    def contract(self) -> InputContract | None:
+        """The input contract the teacher ran under, when recorded."""
+        return None if self.input_contract is None else InputContract.from_dict(self.input_contract, "partition")
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write partition.json atomically."""
@@ -132,6 +145,8 @@ class Partition:
                 layer=data.get("layer"),
                 teacher=data.get("teacher"),
                 stats=dict(data.get("stats") or {}),
+                data=data.get("data"),
+                input_contract=data.get("input_contract"),
             )
         except ValueError as exc:
             raise ArtifactError(f"{source}: {exc}") from exc
@@ -139,6 +154,8 @@ class Partition:
             "num_students": part.num_students,
             "group_sizes": part.group_sizes,
         }
+        if part.input_contract is not None:
+            InputContract.from_dict(part.input_contract, source)  # ArtifactError when malformed
         for key, expected in checks.items():
             if key in data and data[key] != expected:
                 raise ArtifactError(f"{source}: {key} is {data[key]!r} but the groups give {expected!r}")

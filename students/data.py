@@ -1,8 +1,12 @@
-"""Image data sets as plain numpy arrays: digits, MNIST, Fashion-MNIST, CIFAR-10/100, .npz.
+"""Image data sets: digits, MNIST, Fashion-MNIST, CIFAR-10/100, .npz, and image folders.
 
-Everything here is numpy only (torch is not imported), so any stage can read data. Every
-loader returns an :class:`ImageDataset` with float32 images in [0, 1], NCHW, int64 labels,
-per-channel mean/std of the training split, and the augmentation that suits the set.
+Everything here is numpy only (torch is not imported), so any stage can read data. The named
+sets and .npz files load into an :class:`ImageDataset` with float32 images in [0, 1], NCHW,
+int64 labels, per-channel mean/std of the training split, and the augmentation that suits the
+set; an image folder is an ``ImageFolderDataset`` (nonn.students.image_folder) that decodes
+pixels only when a batch is read. Both offer the :class:`DatasetInfo` interface
+(``split_size``, ``labels``, ``read``, ``meta``), which is all the other stages use, and
+record the :class:`DataSpec` that loads them again.
 
 Files are checked as they are read: a missing file, a wrong magic number, a truncated file or
 a batch with unexpected keys/shapes raises :class:`DataError` naming the path and what was
@@ -13,6 +17,7 @@ rebuilds plain containers and numpy arrays, and only from the directory given.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
 import struct
@@ -22,15 +27,23 @@ from typing import Any, Callable
 
 import numpy as np
 
+from nonn.runtime.input_contract import InputContract, NormalizeSpec, contract_for
+
 __all__ = [
     "AugmentSpec",
     "DataError",
+    "DataSpec",
+    "DatasetInfo",
     "ImageDataset",
+    "split_indices",
     "DATASET_NAMES",
     "DEFAULT_DATA_DIRS",
     "load_dataset",
+    "resolve_data",
     "read_idx",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -61,8 +74,95 @@ DEFAULT_DATA_DIRS: dict[str, tuple[str, ...]] = {
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What loads a data set again: a name or path (.npz, image folder), where a named set's
+    files are, and the size images are resized to. Artifacts record it, so later stages find
+    the data without being told."""
+
+    dataset: str
+    data_dir: str | None = None
+    image_size: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, dataset: str, data_dir: str | os.PathLike[str] | None = None, image_size: Any = None) -> "DataSpec":
+        """A spec with file paths made absolute, so it still works from another directory."""
+        path = Path(dataset).expanduser()
+        if dataset.strip().lower() not in DATASET_NAMES + tuple(_ALIASES) and path.exists():
+            dataset = str(path.resolve())
+        size = None if image_size is None else tuple(int(v) for v in (image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)))
+        return cls(dataset, None if data_dir is None else str(Path(data_dir).expanduser().resolve()), size)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "data_dir": self.data_dir, "image_size": None if self.image_size is None else list(self.image_size)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "DataSpec | None":
+        """The spec an artifact recorded, or None when it recorded none (or nothing usable)."""
+        if not isinstance(data, dict) or not isinstance(data.get("dataset"), str) or not data["dataset"]:
+            return None
+        size = data.get("image_size")
+        return cls(data["dataset"], data.get("data_dir"), None if not size else (int(size[0]), int(size[-1])))
+
+    def describe(self) -> str:
+        extra = (f", data dir {self.data_dir}" if self.data_dir else "") + (
+            f", images resized to {self.image_size[0]}x{self.image_size[1]}" if self.image_size else ""
+        )
+        return f"{self.dataset}{extra}"
+
+    def load(self) -> "DatasetInfo":
+        return load_dataset(self.dataset, self.data_dir, self.image_size)
+
+
+class DatasetInfo:
+    """What every data set offers the stages: shape, classes, statistics, and images by index.
+
+    Subclasses set name, num_classes, class_names, augment, spec and provide input_shape, mean,
+    std, split_size, labels and read. `read` returns images as stored (uint8 pixels, or float32
+    in [0, 1]), (n, C, H, W)."""
+
+    name: str
+    num_classes: int
+    class_names: list[str]
+    augment: "AugmentSpec"
+    spec: DataSpec | None
+    in_memory: bool = True
+
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def split_size(self, split: str) -> int:
+        raise NotImplementedError
+
+    def labels(self, split: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def read(self, split: str, index: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def contract(self, normalize: NormalizeSpec | str = "dataset") -> InputContract:
+        """The input contract `normalize` gives for these images (not auto)."""
+        spec = normalize if isinstance(normalize, NormalizeSpec) else NormalizeSpec(normalize)
+        if spec.name != "dataset":  # an image folder's statistics cost a pass over a sample of it
+            return contract_for(spec, self.input_shape, (), ())
+        return contract_for(spec, self.input_shape, self.mean, self.std)
+
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint or bundle manifest records about the data (JSON-friendly)."""
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "spec": None if self.spec is None else self.spec.to_dict(),
+        }
+
+
 @dataclass
-class ImageDataset:
+class ImageDataset(DatasetInfo):
     """A labelled image data set split into train and test, held in memory."""
 
     name: str
@@ -75,6 +175,7 @@ class ImageDataset:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    spec: DataSpec | None = None
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -108,21 +209,17 @@ class ImageDataset:
         return int(c), int(h), int(w)
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
-        """(x - mean) / std per channel, float32; x is (N, C, H, W) or (C, H, W)."""
-        mean = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
-        std = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
-        return ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32, copy=False)
+        """(x - mean) / std per channel with this set's statistics, float32; x is (N, C, H, W) or (C, H, W)."""
+        return self.contract().normalize_unit(x)
 
-    def meta(self) -> dict[str, Any]:
-        """What a checkpoint or bundle manifest records about the data (JSON-friendly)."""
-        return {
-            "name": self.name,
-            "input_shape": list(self.input_shape),
-            "num_classes": self.num_classes,
-            "class_names": list(self.class_names),
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
+    def split_size(self, split: str) -> int:
+        return len(self.labels(split))
+
+    def labels(self, split: str) -> np.ndarray:
+        return getattr(self, f"{_check_split(split)}_y")
+
+    def read(self, split: str, index: Any) -> np.ndarray:
+        return getattr(self, f"{_check_split(split)}_x")[index]
 
     def __repr__(self) -> str:
         return (
@@ -275,7 +372,13 @@ def _load_cifar100(directory: Path) -> ImageDataset:
 # ----------------------------------------------------------------------------------------------
 # digits and .npz
 
-def _split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _check_split(split: str) -> str:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return split
+
+
+def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified split: the same `seed` always gives the same test set."""
     rng = np.random.default_rng(seed)
     train, test = [], []
@@ -294,7 +397,7 @@ def _load_digits() -> ImageDataset:
     bunch = load_digits()
     images = (bunch.images.astype(np.float32) / 16.0)[:, None]
     labels = bunch.target.astype(np.int64)
-    train, test = _split_indices(labels, test_fraction=0.2, seed=0)
+    train, test = split_indices(labels, test_fraction=0.2, seed=0)
     return ImageDataset(
         "digits", images[train], labels[train], images[test], labels[test], 10, list(DIGIT_CLASSES), augment=AugmentSpec(pad=1, flip=False)
     )
@@ -350,7 +453,7 @@ def _load_npz(path: Path) -> ImageDataset:
         test_x = _to_nchw(arrays["x_test"], path, "x_test")
         test_y = _labels(arrays["y_test"], len(test_x), path, "y_test")
     else:
-        train, test = _split_indices(y, test_fraction=0.2, seed=0)
+        train, test = split_indices(y, test_fraction=0.2, seed=0)
         train_x, train_y, test_x, test_y = x[train], y[train], x[test], y[test]
     if "class_names" in arrays:
         class_names = [str(c) for c in arrays["class_names"].tolist()]
@@ -387,18 +490,91 @@ _NAMED: dict[str, Callable[[Path], ImageDataset]] = {
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
 
 
-def load_dataset(spec: str, data_dir: str | os.PathLike[str] | None = None) -> ImageDataset:
-    """Load a data set by name (digits, mnist, fashion-mnist, cifar10, cifar100) or .npz path.
+def resize_images(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float32 (N, C, H, W) images in [0, 1] resized to `size` (H, W), bilinear (pillow)."""
+    from nonn.students.image_folder import _pillow
 
-    `data_dir` overrides where a named set's files are looked for.
+    Image = _pillow()
+    h, w = size
+    if x.shape[2:] == (h, w):
+        return x
+    out = np.empty((*x.shape[:2], h, w), dtype=np.float32)
+    for i in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            out[i, c] = np.asarray(Image.fromarray(x[i, c], mode="F").resize((w, h), Image.BILINEAR))
+    return np.clip(out, 0.0, 1.0)
+
+
+def load_dataset(spec: str, data_dir: str | os.PathLike[str] | None = None, image_size: Any = None) -> DatasetInfo:
+    """Load a data set by name (digits, mnist, fashion-mnist, cifar10, cifar100), .npz path or
+    image folder (one subfolder per class, optional train/ and val/ or test/).
+
+    `data_dir` overrides where a named set's files are looked for; `image_size` (H or (H, W))
+    resizes every image.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"dataset must be one of {', '.join(DATASET_NAMES)} or a path to an .npz file, got {spec!r}")
+        raise DataError(f"dataset must be one of {', '.join(DATASET_NAMES)}, a path to an .npz file or an image folder, got {spec!r}")
+    data_spec = DataSpec.of(spec, data_dir, image_size)
     key = _ALIASES.get(spec.strip().lower(), spec.strip().lower())
+    path = Path(spec).expanduser()
+    if key not in DATASET_NAMES and path.is_dir():
+        from nonn.students.image_folder import ImageFolderDataset
+
+        folder = ImageFolderDataset(path, image_size)
+        folder.spec = data_spec
+        return folder
     if key == "digits":
-        return _load_digits()
-    if key in _NAMED:
-        return _NAMED[key](_resolve_dir(key, data_dir))
-    if spec.endswith(".npz") or Path(spec).is_file():
-        return _load_npz(Path(spec).expanduser())
-    raise DataError(f"unknown dataset {spec!r}: expected one of {', '.join(DATASET_NAMES)} or a path to an .npz file")
+        data = _load_digits()
+    elif key in _NAMED:
+        data = _NAMED[key](_resolve_dir(key, data_dir))
+    elif spec.endswith(".npz") or path.is_file():
+        data = _load_npz(path)
+    else:
+        raise DataError(f"unknown dataset {spec!r}: expected one of {', '.join(DATASET_NAMES)}, a path to an .npz file or an image folder")
+    if data_spec.image_size is not None and data_spec.image_size != data.input_shape[1:]:
+        h, w = data_spec.image_size
+        data = ImageDataset(
+            data.name, resize_images(data.train_x, (h, w)), data.train_y, resize_images(data.test_x, (h, w)), data.test_y,
+            data.num_classes, data.class_names,
+            augment=AugmentSpec(pad=max(1, round(data.augment.pad * h / data.input_shape[1])) if data.augment.pad else 0, flip=data.augment.flip),
+        )
+    data.spec = data_spec
+    return data
+
+
+def recorded_spec(record: Any) -> DataSpec | None:
+    """The DataSpec an artifact recorded: a spec dict, or a data set meta() holding one (older
+    artifacts recorded only a named set's name)."""
+    if not isinstance(record, dict):
+        return None
+    if "dataset" in record:
+        return DataSpec.from_dict(record)
+    spec = DataSpec.from_dict(record.get("spec"))
+    if spec is None and str(record.get("name", "")).lower() in DATASET_NAMES:
+        spec = DataSpec(str(record["name"]).lower())
+    return spec
+
+
+def resolve_data(
+    dataset: str | None,
+    data_dir: str | os.PathLike[str] | None = None,
+    image_size: Any = None,
+    recorded: Any = (),
+    fallback: str | None = None,
+) -> DatasetInfo:
+    """The data set a command runs on: `dataset` when given; else the first one an artifact
+    recorded (`recorded`: (record, artifact) pairs, most authoritative first), said in one INFO
+    line; else `fallback`. `data_dir` and `image_size`, when given, replace the recorded ones."""
+    if dataset:
+        return load_dataset(dataset, data_dir, image_size)
+    for record, source in recorded:
+        spec = recorded_spec(record)
+        if spec is not None:
+            spec = DataSpec(spec.dataset, str(data_dir) if data_dir is not None else spec.data_dir,
+                            tuple(image_size) if image_size is not None else spec.image_size)  # type: ignore[arg-type]
+            log.info("data set: %s, as recorded in %s (pass --dataset to use another)", spec.describe(), source)
+            return spec.load()
+    if fallback is None:
+        sources = ", ".join(str(source) for _, source in recorded) or "the inputs"
+        raise DataError(f"--dataset is required: {sources} record(s) no data set")
+    return load_dataset(fallback, data_dir, image_size)

@@ -164,7 +164,7 @@ def model_accuracy(
 
 def evaluate_students(
     students_path: str,
-    dataset: str,
+    dataset: str | None = None,
     data_dir: str | None = None,
     teacher: str | None = None,
     teacher_factory: str | None = None,
@@ -174,23 +174,35 @@ def evaluate_students(
     limit: int | None = None,
     pairs: bool | None = None,
     progress: bool = True,
+    image_size: Any = None,
+    normalize: Any = None,
 ) -> EvaluationReport:
-    """Load a students checkpoint, evaluate it on a data set's test split (and the teacher, if given)."""
-    from nonn.students.data import load_dataset
+    """Load a students checkpoint, evaluate it on a data set's test split (and the teacher, if given).
+
+    The data set defaults to the one the checkpoint records; images are normalised as the
+    students were trained (the checkpoint's input contract). The teacher gets `normalize`
+    when given, else what its checkpoint records, else the students' contract."""
+    from nonn.students.data import resolve_data
     from nonn.students.loader import make_loader
+    from nonn.students.normalization import Recorded, teacher_contract
     from nonn.students.teacher import resolve_device
     from nonn.students.train import check_dataset_matches, load_students
 
     dev = resolve_device(device)
     loaded = load_students(students_path, map_location="cpu")
-    data = load_dataset(dataset, data_dir)
+    recorded = [(loaded.meta.get("dataset"), students_path), (loaded.meta.get("config"), students_path)]
+    data = resolve_data(dataset, data_dir, image_size, recorded)
     check_dataset_matches(loaded.meta.get("dataset") or {}, data, what=f"students checkpoint {students_path}")
-    loader = make_loader(data, "test", batch_size=batch_size, train=False, limit=limit)
+    contract = loaded.contract
+    loader = make_loader(data, "test", batch_size=batch_size, train=False, limit=limit, contract=contract)
     ensemble = loaded.ensemble.to(dev)
     report = evaluate_ensemble(ensemble, loader, dev, pairs=pairs, progress=progress)
     if teacher is not None or teacher_factory is not None:
         from nonn.students.teacher import load_teacher
 
         loaded_teacher = load_teacher(teacher, factory=teacher_factory, weights=weights, map_location="cpu")
-        report.teacher_accuracy = model_accuracy(loaded_teacher.model.to(dev), loader, dev, progress)
+        teacher_in = teacher_contract(normalize, data, loaded_teacher, [Recorded(contract, f"students checkpoint {students_path}")], device=dev)
+        teacher_loader = loader if teacher_in.same_normalization(contract) else make_loader(
+            data, "test", batch_size=batch_size, train=False, limit=limit, contract=teacher_in)
+        report.teacher_accuracy = model_accuracy(loaded_teacher.model.to(dev), teacher_loader, dev, progress)
     return report

@@ -4,7 +4,9 @@ Checkpoint format ``"nonn.teacher/1"`` (a dict that loads with ``torch.load(weig
 
 - ``arch``: ``create_model`` arguments (name, num_classes, in_channels, kwargs);
 - ``state_dict``: model weights (CPU tensors); ``feature_layer``, ``num_features``, ``params``;
-- ``dataset``: ``ImageDataset.meta()`` (name, input_shape, classes, mean, std);
+- ``dataset``: the data set's ``meta()`` (name, input_shape, classes, mean, std, and the
+  spec that loads it again); ``input_contract``: how images were normalised for training
+  (nonn.runtime.input_contract), so every later stage feeds the teacher the same way;
 - ``epoch`` (completed epochs), ``optimizer``, ``scheduler``, ``rng`` (torch CPU/CUDA and the
   batch loader's generator), so ``--resume`` continues exactly where a killed run stopped;
 - ``config`` (:class:`TeacherConfig` as a dict), ``history`` (one record per epoch, the same
@@ -36,8 +38,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nonn.artifacts import ArtifactError, atomic_write_jsonl, sha256_file
+from nonn.runtime.input_contract import InputContract, parse_normalize
 from nonn.students.checkpoint import cpu_state_dict, load_checkpoint, load_torch_file, save_checkpoint
-from nonn.students.data import ImageDataset, load_dataset
+from nonn.students.data import DatasetInfo, load_dataset
 from nonn.students.layout import to_layout, training_memory_format
 from nonn.students.loader import BatchLoader, make_loader
 from nonn.students.models import count_parameters, create_model
@@ -72,6 +75,8 @@ class TeacherConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
+    image_size: list[int] | None = None  # (H, W) every image is resized to
+    normalize: str = "dataset"  # dataset | none | imagenet | MEAN,..:STD,..
     arch: str = "wrn-16-2"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 10
@@ -90,10 +95,11 @@ class TeacherConfig:
     log: str | None = None
     limit: int | None = None
     threads: int | None = None
+    workers: int = 0  # processes decoding image-folder batches
     progress: bool = True
 
     # Fields allowed to differ between a run and its resume.
-    RUNTIME_FIELDS = ("data_dir", "device", "precision", "out", "resume", "overwrite", "log", "threads", "progress")
+    RUNTIME_FIELDS = ("data_dir", "device", "precision", "out", "resume", "overwrite", "log", "threads", "workers", "progress")
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -117,6 +123,11 @@ class TeacherConfig:
             raise ValueError(f"limit must be a positive number of images, got {self.limit!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        if parse_normalize(self.normalize).name == "auto":
+            raise ValueError(
+                "--normalize auto finds how a trained teacher expects its images; to train one, choose "
+                "dataset, none, imagenet or MEAN,..:STD,.."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,7 +179,7 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TeacherConfig) -> 
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.2)
 
 
-def _check_resumable(checkpoint: dict[str, Any], config: TeacherConfig, dataset: ImageDataset, path: Path) -> None:
+def _check_resumable(checkpoint: dict[str, Any], config: TeacherConfig, dataset: DatasetInfo, path: Path) -> None:
     saved = checkpoint.get("config", {})
     current = config.to_dict()
     diffs = [
@@ -198,7 +209,8 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     out = Path(config.out)
-    dataset = load_dataset(config.dataset, config.data_dir)
+    dataset = load_dataset(config.dataset, config.data_dir, config.image_size)
+    contract = dataset.contract(parse_normalize(config.normalize))
 
     checkpoint: dict[str, Any] | None = None
     if out.exists():
@@ -223,8 +235,10 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
     scaler = precision.loss_scaler()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
-    train_loader = make_loader(dataset, "train", config.batch_size, train=True, seed=config.seed, limit=config.limit)
-    test_loader = make_loader(dataset, "test", config.batch_size, train=False, limit=config.limit)
+    train_loader = make_loader(dataset, "train", config.batch_size, train=True, seed=config.seed, limit=config.limit,
+                               contract=contract, workers=config.workers)
+    test_loader = make_loader(dataset, "test", config.batch_size, train=False, limit=config.limit, contract=contract,
+                              workers=config.workers)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if checkpoint is not None:
@@ -313,6 +327,7 @@ def train_teacher(config: TeacherConfig) -> dict[str, Any]:
             "num_features": model.num_features,
             "params": params,
             "dataset": dataset.meta(),
+            "input_contract": contract.to_dict(),
             "epoch": epoch + 1,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -342,7 +357,8 @@ class LoadedTeacher:
 
     ``arch`` is set for nonn models (rebuild with ``create_model(**arch)``), ``factory`` for a
     bring-your-own module; ``feature_layer`` is the module whose output is the final conv
-    feature map when the model declares it; ``fingerprint`` is the sha256 of the weights file.
+    feature map when the model declares it; ``fingerprint`` is the sha256 of the weights file;
+    ``contract`` is the input contract a nonn checkpoint recorded (None for a plain state_dict).
     """
 
     model: nn.Module
@@ -352,6 +368,8 @@ class LoadedTeacher:
     dataset: dict[str, Any] | None
     fingerprint: str
     metrics: dict[str, Any] | None = None
+    contract: InputContract | None = None
+    source: str = ""  # the checkpoint, weights file or factory it was loaded from (for messages)
 
     @property
     def params(self) -> int:
@@ -437,18 +455,19 @@ def load_teacher(
         model = load_factory(factory)()
         if not isinstance(model, nn.Module):
             raise ValueError(f"teacher factory {factory!r} returned {type(model).__name__}, expected a torch.nn.Module")
-        dataset = metrics = None
+        dataset = metrics = contract = None
         if weights is not None:
             weights = Path(weights)
             obj = load_torch_file(weights, map_location=map_location)
             if isinstance(obj, dict) and obj.get("format") == TEACHER_FORMAT:
-                dataset, metrics = obj.get("dataset"), obj.get("metrics")
+                dataset, metrics, contract = obj.get("dataset"), obj.get("metrics"), _recorded_contract(obj, weights)
             _load_weights(model, _extract_state_dict(obj, weights), weights)
             fingerprint = sha256_file(weights)
         else:
             fingerprint = _state_fingerprint(model)
         model.to(map_location).eval()
-        return LoadedTeacher(model, None, factory, getattr(model, "feature_layer", None), dataset, fingerprint, metrics)
+        return LoadedTeacher(model, None, factory, getattr(model, "feature_layer", None), dataset, fingerprint, metrics, contract,
+                             str(weights if weights is not None else factory))
 
     if weights is not None:
         raise ValueError("weights without a teacher factory: pass the nonn checkpoint as path, or add factory='package.module:function'")
@@ -464,5 +483,16 @@ def load_teacher(
     model.to(map_location).eval()
     return LoadedTeacher(
         model, arch, None, checkpoint.get("feature_layer", getattr(model, "feature_layer", None)),
-        checkpoint.get("dataset"), sha256_file(path), checkpoint.get("metrics"),
+        checkpoint.get("dataset"), sha256_file(path), checkpoint.get("metrics"), _recorded_contract(checkpoint, path), str(path),
     )
+
+
+def _recorded_contract(checkpoint: dict[str, Any], path: Path) -> InputContract | None:
+    """The input contract a teacher checkpoint recorded; one from before contracts were recorded
+    was trained on images normalised by its data set's mean/std."""
+    if checkpoint.get("input_contract") is not None:
+        return InputContract.from_dict(checkpoint["input_contract"], str(path))
+    meta = checkpoint.get("dataset") or {}
+    if meta.get("mean") and meta.get("std") and meta.get("input_shape"):
+        return InputContract.from_dataset_meta(meta, str(path))
+    return None

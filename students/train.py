@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from nonn.artifacts import ArtifactError, atomic_write_jsonl
+from nonn.runtime.input_contract import InputContract
 from nonn.students.checkpoint import cpu_state_dict, load_checkpoint, save_checkpoint
 from nonn.students.ensemble import (
     StudentEnsemble,
@@ -79,9 +80,11 @@ SCHEDULES = ("cosine", "step")
 log = logging.getLogger(__name__)
 
 # Settings that only say where or how to run; everything else must match to resume a run.
+# The data set and input normalisation are compared as resolved (spec, shape, contract), not as flags.
 _RUN_ONLY_FIELDS = {
     "out", "resume", "overwrite", "progress", "device", "precision", "sync_bn", "metrics", "teacher",
-    "teacher_factory", "weights", "partition", "data_dir", "epochs",
+    "teacher_factory", "weights", "partition", "dataset", "data_dir", "image_size", "normalize", "force",
+    "workers", "epochs",
 }  # fmt: skip
 
 
@@ -95,8 +98,11 @@ class StudentsConfig:
     teacher_factory: str | None = None  # "package.module:function" ...
     weights: str | None = None  # ... with this state_dict / checkpoint
     layer: str | None = None  # teacher feature layer (default: the partition's)
-    dataset: str = "digits"
+    dataset: str | None = None  # default: the data set the partition (or teacher checkpoint) records
     data_dir: str | None = None
+    image_size: list[int] | None = None  # (H, W) every image is resized to
+    normalize: str | None = None  # --normalize; default: the teacher checkpoint's or partition's record, else auto
+    force: bool = False  # use a partition made for another teacher
     arch: str = "wrn-16-1"  # one spec for all students or a comma list, e.g. "wrn-10-1:width=8"
     num_students: int | None = None  # if given, must equal the partition's K
     epochs: int = 10
@@ -124,6 +130,7 @@ class StudentsConfig:
     overwrite: bool = False
     progress: bool = True
     metrics: str | None = None  # JSON-lines log (default: <out>.metrics.jsonl)
+    workers: int = 0  # processes decoding image-folder batches
 
     def validate(self) -> None:
         """Reject settings that cannot work, naming the bad value."""
@@ -168,6 +175,13 @@ class LoadedStudents:
     @property
     def groups(self) -> list[list[int]]:
         return self.ensemble.groups
+
+    @property
+    def contract(self) -> InputContract:
+        """How the students' (and teacher's) images were normalised in training."""
+        if self.meta.get("input_contract") is not None:
+            return InputContract.from_dict(self.meta["input_contract"], "students checkpoint")
+        return InputContract.from_dataset_meta(self.meta.get("dataset") or {}, "students checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,12 +302,14 @@ class _Setup:
     groups: list[list[int]]
     archs: list[tuple[str, dict[str, Any]]]
     partition: dict[str, Any]
+    contract: Any  # InputContract
     teacher_meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _prepare(config: StudentsConfig, device: torch.device) -> _Setup:
     from nonn.partition import Partition
-    from nonn.students.data import load_dataset
+    from nonn.students.data import resolve_data
+    from nonn.students.normalization import Recorded, teacher_contract
     from nonn.students.teacher import load_teacher
 
     partition = Partition.load(config.partition)
@@ -303,11 +319,8 @@ def _prepare(config: StudentsConfig, device: torch.device) -> _Setup:
         raise ValueError(
             f"--students {config.num_students} disagrees with {config.partition}, which has {len(groups)} groups"
         )
-    data = load_dataset(config.dataset, config.data_dir)
     teacher = load_teacher(config.teacher, factory=config.teacher_factory, weights=config.weights, map_location="cpu")
     teacher_name = config.teacher or config.teacher_factory
-    if teacher.dataset:
-        check_dataset_matches(teacher.dataset, data, what=f"teacher {teacher_name}")
     recorded = part.get("teacher") or {}
     recorded_arch = recorded.get("arch")
     if recorded_arch and teacher.arch and _arch_key(recorded_arch) != _arch_key(teacher.arch):
@@ -316,13 +329,26 @@ def _prepare(config: StudentsConfig, device: torch.device) -> _Setup:
             f"{_arch_key(recorded_arch)}"
         )
     if recorded.get("fingerprint") and recorded["fingerprint"] != teacher.fingerprint:
-        log.warning("teacher %s is not the teacher %s was computed from (fingerprint differs)", teacher_name, config.partition)
+        if not config.force:
+            raise ValueError(
+                f"{config.partition} was made for the teacher with fingerprint {recorded['fingerprint']}, but teacher "
+                f"{teacher.source} has fingerprint {teacher.fingerprint}; partition this teacher, or pass --force to use it anyway"
+            )
+        log.warning("--force: %s was made for teacher %s, training against teacher %s (%s)",
+                    config.partition, recorded["fingerprint"], teacher.fingerprint, teacher.source)
+    data = resolve_data(config.dataset, config.data_dir, config.image_size,
+                        [(partition.data, config.partition), (teacher.dataset, teacher.source)])
+    if teacher.dataset:
+        check_dataset_matches(teacher.dataset, data, what=f"teacher {teacher_name}")
+    partition_contract = [Recorded(partition.contract, str(config.partition))] if partition.input_contract else []
+    contract = teacher_contract(config.normalize, data, teacher, partition_contract)
     layer = config.layer or part.get("layer") or teacher.feature_layer
     if not layer:
         raise ValueError("the teacher's feature layer is unknown: give --layer NAME")
     model = teacher.model.to(device, memory_format=torch.channels_last)  # forward only: always safe
     features = TeacherFeatures(model, layer)
-    probe = torch.as_tensor(data.normalize(data.test_x[:2] if len(data.test_x) >= 2 else data.train_x[:2])).to(device)
+    probe_split = "test" if data.split_size("test") >= 2 else "train"
+    probe = torch.from_numpy(contract.normalize_unit(contract.to_unit(data.read(probe_split, np.arange(2))))).to(device)
     logits, fmap = features(probe)
     if logits.shape[-1] != data.num_classes:
         raise ValueError(f"teacher {teacher_name} predicts {logits.shape[-1]} classes, data set {data.name!r} has {data.num_classes}")
@@ -350,7 +376,7 @@ def _prepare(config: StudentsConfig, device: torch.device) -> _Setup:
         "num_filters": num_channels,
         "feature_hw": list(out_hw),
     }
-    return _Setup(data, teacher, features, layer, num_channels, out_hw, groups, archs, part, teacher_meta)
+    return _Setup(data, teacher, features, layer, num_channels, out_hw, groups, archs, part, contract, teacher_meta)
 
 
 def _arch_key(arch: Any) -> str:
@@ -384,6 +410,16 @@ def _check_resume_settings(saved: dict[str, Any], config: StudentsConfig, setup:
         diffs.append("teacher: the weights differ from the ones this run started with")
     if saved.get("groups") != setup.groups:
         diffs.append("partition: the filter groups differ")
+    saved_data, now_data = saved.get("dataset") or {}, setup.data.meta()
+    for key in ("input_shape", "num_classes"):
+        if key in saved_data and saved_data[key] != now_data[key]:
+            diffs.append(f"data set {key}: saved {saved_data[key]!r}, now {now_data[key]!r}")
+    saved_spec, now_spec = saved_data.get("spec") or {}, now_data.get("spec") or {}
+    for key in ("dataset", "image_size"):
+        if key in saved_spec and saved_spec[key] != now_spec.get(key):
+            diffs.append(f"data set: saved {saved_spec[key]!r}, now {now_spec.get(key)!r}")
+    if saved.get("input_contract") and not InputContract.from_dict(saved["input_contract"], str(path)).same_normalization(setup.contract):
+        diffs.append(f"input normalisation: saved {saved['input_contract'].get('normalize')!r}, now {setup.contract.describe()}")
     if diffs:
         raise ValueError(f"cannot resume {path} with different settings ({'; '.join(diffs)}); use another --out to start anew")
 
@@ -515,8 +551,10 @@ def _train(config: StudentsConfig, out: Path, info: DistInfo, device: torch.devi
     ensemble = ensemble.to(device, memory_format=layout)
     from nonn.students.loader import make_loader
 
-    loader = make_loader(setup.data, "train", batch_size=config.batch_size, train=True, seed=config.seed, limit=config.train_limit)
-    test_loader = make_loader(setup.data, "test", batch_size=max(256, config.batch_size), train=False, limit=config.eval_limit)
+    loader = make_loader(setup.data, "train", batch_size=config.batch_size, train=True, seed=config.seed, limit=config.train_limit,
+                         contract=setup.contract, workers=config.workers)
+    test_loader = make_loader(setup.data, "test", batch_size=max(256, config.batch_size), train=False, limit=config.eval_limit,
+                              contract=setup.contract, workers=config.workers)
     dropout_gen = torch.Generator().manual_seed(config.seed + 1)
     optimizer = torch.optim.SGD(
         ensemble.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.momentum > 0
@@ -656,6 +694,7 @@ def _train(config: StudentsConfig, out: Path, info: DistInfo, device: torch.devi
                 "groups": setup.groups,
                 "partition": setup.partition,
                 "dataset": setup.data.meta(),
+                "input_contract": setup.contract.to_dict(),
                 "teacher": setup.teacher_meta,
                 "activation_transfer": at_form,
                 "config": _config_dict(config),

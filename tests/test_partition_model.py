@@ -135,7 +135,8 @@ def test_cli_partition_bring_your_own_teacher(tmp_path, byo_factory, capsys):
         x_test=rng.random((12, 8, 8, 1)).astype(np.float32), y_test=rng.integers(0, 3, 12),
     )
     out = tmp_path / "run" / "partition.json"
-    common = ["partition", "--teacher-factory", byo_factory, "--weights", str(tmp_path / "w.pt"),
+    # An untrained teacher on random labels: --normalize auto would refuse it as near chance.
+    common = ["partition", "--teacher-factory", byo_factory, "--weights", str(tmp_path / "w.pt"), "--normalize", "dataset",
               "--dataset", str(tmp_path / "tiny.npz"), "--device", "cpu", "--no-progress", "-K", "2",
               "--top-k", "4", "--percentile", "50", "--out", str(out)]
     assert main(common + ["--layer", "4", "--activations-out", str(tmp_path / "acts.npy")]) == 0

@@ -7,7 +7,13 @@ import time
 
 DATASET_HELP = (
     "data set: digits (bundled with scikit-learn), mnist, fashion-mnist, cifar10, cifar100, "
-    "or a path to an .npz file with arrays x (N,H,W[,C] or N,C,H,W) and y (N,)"
+    "a path to an .npz file with arrays x (N,H,W[,C] or N,C,H,W) and y (N,), or an image folder "
+    "(one subfolder of PNG/JPEG images per class, optionally inside train/ and val/ or test/)"
+)
+NORMALIZE_HELP = (
+    "how images are normalised for the teacher: dataset (the training split's mean/std), none (images as "
+    "stored, scaled to [0, 1]), imagenet (torchvision's constants), MEAN,..:STD,.. (one per channel, on the "
+    "[0, 1] scale), or auto (score the teacher under each and take the best)"
 )
 
 
@@ -28,6 +34,56 @@ def add_data_args(parser: argparse.ArgumentParser, default: str | None = "digits
         help="directory holding a named data set's files (default: the set's standard location, "
         "e.g. /usr/share/datasets/fashion-mnist)",
     )
+    parser.add_argument(
+        "--image-size", type=image_size, default=None, metavar="H[,W]",
+        help="resize every image to H x W pixels (default: keep their size; an image folder's images must then all have one size)",
+    )  # fmt: skip
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """`--image-size` H or H,W -> (H, W)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) not in (1, 2) or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected H or H,W in pixels (e.g. 96 or 96,128), got {text!r}")
+    return (size[0], size[-1])
+
+
+def normalize_spec(text: str):
+    """`--normalize` text -> NormalizeSpec (argparse reports a malformed value)."""
+    from nonn.runtime.input_contract import parse_normalize
+
+    try:
+        return parse_normalize(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--normalize {text!r}: ")) from None
+
+
+def add_normalize_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str) -> None:
+    """--normalize for a command that runs a teacher; `default` says what happens without it."""
+    parser.add_argument("--normalize", type=normalize_spec, default=None, metavar="MODE",
+                        help=f"{NORMALIZE_HELP} (default: {default})")
+
+
+def add_workers_arg(parser: argparse.ArgumentParser) -> None:
+    """--workers: processes decoding an image folder's batches while the model runs."""
+    parser.add_argument(
+        "--workers", type=non_negative_int, default=None,
+        help="worker processes decoding image-folder batches (default: one per spare CPU core, at most 4; "
+        "0 decodes in the main process; in-memory data sets need none)",
+    )  # fmt: skip
+
+
+def default_workers(requested: int | None) -> int:
+    """--workers, or one per spare CPU core (at most 4)."""
+    if requested is not None:
+        return requested
+    import os
+
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def add_torch_device_arg(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from nonn.cli import CLIError
-from nonn.cli.common import add_data_args, add_seed_arg, add_torch_device_arg, positive_int, summary_line
+from nonn.cli.common import (
+    add_data_args,
+    add_normalize_arg,
+    add_seed_arg,
+    add_torch_device_arg,
+    add_workers_arg,
+    default_workers,
+    positive_int,
+    summary_line,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,13 +64,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="module whose output is the final conv feature map (default: the model's "
         "feature_layer); an unknown name lists the valid ones",
     )
-    add_data_args(part, fallback="the teacher checkpoint's data set, else digits")
+    add_data_args(part, fallback="the data set the teacher checkpoint records")
+    add_normalize_arg(part, "what the teacher checkpoint records; auto for a bring-your-own teacher")
     part.add_argument(
         "--split", choices=("train", "test"), default="train", help="images to run (default: train)"
     )
     part.add_argument("--limit", type=positive_int, default=None, help="use only the first N images of the split")
     part.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default: 256)")
     add_torch_device_arg(part)
+    add_workers_arg(part)
     part.add_argument("--top-k", type=int, default=50, help="filters kept per image in the FAN (default: 50)")
     part.add_argument("--students", "-K", type=int, required=True, help="number of students K (2..filters)")
     part.add_argument(
@@ -130,14 +141,15 @@ def run_fan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _teacher_fan(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], dict[str, Any]]:
-    """Load the teacher and data, collect activations, build the FAN.
+def _teacher_fan(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Load the teacher and data, settle the input contract, collect activations, build the FAN.
 
-    Returns (fan, layer, teacher summary, extra params for partition.json)."""
+    Returns (fan, layer, teacher summary, extra params, data and input contract records)."""
     from nonn.partition.activations import collect_activations, layer_names
     from nonn.partition.fan import build_fan
-    from nonn.students.data import load_dataset
+    from nonn.students.data import resolve_data
     from nonn.students.loader import make_loader
+    from nonn.students.normalization import teacher_contract
     from nonn.students.teacher import load_teacher, resolve_device
 
     if args.teacher and args.weights:
@@ -149,16 +161,11 @@ def _teacher_fan(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], di
         names = ", ".join(layer_names(loaded.model)[:60])
         raise CLIError(f"--layer is required: the model names no feature_layer; valid names: {names}")
 
-    dataset_name = args.dataset or (loaded.dataset or {}).get("name") or "digits"
-    dataset = load_dataset(dataset_name, data_dir=args.data_dir)
-    expected = (loaded.dataset or {}).get("input_shape")
-    if expected is not None and tuple(expected) != tuple(dataset.input_shape):
-        raise CLIError(
-            f"data set {dataset_name!r} has images of shape {tuple(dataset.input_shape)} but the "
-            f"teacher was trained on {tuple(expected)} ({(loaded.dataset or {}).get('name')})"
-        )
+    dataset = resolve_data(args.dataset, args.data_dir, args.image_size, [(loaded.dataset, loaded.source)])
+    contract = teacher_contract(args.normalize, dataset, loaded, device=device)
     loader = make_loader(
-        dataset, split=args.split, batch_size=args.batch_size, train=False, seed=args.seed, limit=args.limit
+        dataset, split=args.split, batch_size=args.batch_size, train=False, seed=args.seed, limit=args.limit,
+        contract=contract, workers=default_workers(args.workers),
     )
     activations = collect_activations(loaded.model, layer, loader, device=device, progress=not args.no_progress)
     if args.activations_out:
@@ -176,7 +183,8 @@ def _teacher_fan(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], di
         "split": args.split,
         "images": int(activations.shape[0]),
     }
-    return fan, layer, teacher, extra
+    records = {"data": dataset.spec.to_dict() if dataset.spec else None, "input_contract": contract.to_dict()}
+    return fan, layer, teacher, extra, records
 
 
 def run_partition(args: argparse.Namespace) -> int:
@@ -188,9 +196,9 @@ def run_partition(args: argparse.Namespace) -> int:
         if args.weights:
             raise CLIError("--weights goes with --teacher-factory, not --fan")
         fan = _load_npy(args.fan, "a (filters x filters) FAN")
-        layer, teacher, extra = args.layer, None, {"fan": str(args.fan)}
+        layer, teacher, extra, records = args.layer, None, {"fan": str(args.fan)}, {}
     else:
-        fan, layer, teacher, extra = _teacher_fan(args)
+        fan, layer, teacher, extra, records = _teacher_fan(args)
         fan_path = Path(args.fan_out) if args.fan_out else Path(args.out).parent / "fan.npy"
         _save_npy(fan_path, fan)
         extra["fan"] = str(fan_path)
@@ -208,6 +216,7 @@ def run_partition(args: argparse.Namespace) -> int:
             layer=layer,
             teacher=teacher,
             extra_params=extra,
+            **records,
         )
     except ValueError as exc:
         source = f"{args.fan}: " if args.fan else ""

@@ -7,7 +7,17 @@ import logging
 import os
 import time
 
-from nonn.cli.common import add_data_args, add_precision_arg, add_seed_arg, add_torch_device_arg, positive_int, summary_line
+from nonn.cli.common import (
+    add_data_args,
+    add_normalize_arg,
+    add_precision_arg,
+    add_seed_arg,
+    add_torch_device_arg,
+    add_workers_arg,
+    default_workers,
+    positive_int,
+    summary_line,
+)
 
 TRAIN_EPILOG = """\
 examples:
@@ -48,8 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_teacher_args(train, required=True)
     train.add_argument("--partition", required=True, help="partition.json (nonn.partition/1) giving the K filter groups")
+    train.add_argument("--force", action="store_true", help="use a partition made for another teacher (different fingerprint)")
     train.add_argument("--layer", default=None, help="teacher feature layer (default: the partition's)")
-    add_data_args(train)
+    add_data_args(train, fallback="the data set the partition (or the teacher checkpoint) records")
+    add_normalize_arg(train, "what the teacher checkpoint or the partition records, else auto")
     train.add_argument("--arch", default="wrn-16-1",
                        help="student backbone for every student, or a comma list with one per student; options as "
                             "NAME:key=value, e.g. wrn-10-1:width=8 (default: wrn-16-1)")
@@ -89,6 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out (same settings required)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out instead of refusing")
     train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_workers_arg(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=run_train_students)
 
@@ -99,8 +112,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "--teacher), accuracy with each single student missing and, for K >= 4, each pair missing.",
     )
     evaluate.add_argument("--students", required=True, help="students checkpoint (nonn.students/1)")
-    add_data_args(evaluate, default=None)
+    add_data_args(evaluate, fallback="the data set the checkpoint records")
     _add_teacher_args(evaluate, required=False)
+    add_normalize_arg(evaluate, "the students checkpoint's; the teacher is fed the same way")
     evaluate.add_argument("--batch-size", type=positive_int, default=256, help="batch size (default: 256)")
     evaluate.add_argument("--limit", type=positive_int, default=None, help="only the first N test images")
     evaluate.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=None,
@@ -131,6 +145,9 @@ def run_train_students(args: argparse.Namespace) -> int:
         layer=args.layer,
         dataset=args.dataset,
         data_dir=args.data_dir,
+        image_size=None if args.image_size is None else list(args.image_size),
+        normalize=None if args.normalize is None else str(args.normalize),
+        force=args.force,
         arch=args.arch,
         num_students=args.students,
         epochs=args.epochs,
@@ -158,6 +175,7 @@ def run_train_students(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         metrics=args.metrics,
+        workers=default_workers(args.workers),
     )
     result = train_students(config)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -179,6 +197,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.students,
         args.dataset,
         data_dir=args.data_dir,
+        image_size=args.image_size,
+        normalize=args.normalize,
         teacher=args.teacher,
         teacher_factory=args.teacher_factory,
         weights=args.weights,

@@ -7,7 +7,17 @@ import json
 import time
 
 from nonn.cli import CLIError
-from nonn.cli.common import add_data_args, add_precision_arg, add_seed_arg, add_torch_device_arg, positive_int, summary_line
+from nonn.cli.common import (
+    add_data_args,
+    add_normalize_arg,
+    add_precision_arg,
+    add_seed_arg,
+    add_torch_device_arg,
+    add_workers_arg,
+    default_workers,
+    positive_int,
+    summary_line,
+)
 
 TRAIN_EPILOG = """\
 examples:
@@ -32,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_data_args(train)
+    add_normalize_arg(train, "dataset; recorded in the checkpoint, so later stages feed the teacher the same way")
     train.add_argument("--arch", default="wrn-16-2", help="model name: wrn-D-K (D = 6n + 4) or cnn-small (default: wrn-16-2)")
     train.add_argument("--width", type=positive_int, default=None, help="base width of the model (WRN default 16, cnn-small 32)")
     train.add_argument("--dropout", type=float, default=None, help="dropout inside each block / before the classifier (default: none)")
@@ -52,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--log", default=None, help="JSON-lines file with one record per epoch")
     train.add_argument("--limit", type=positive_int, default=None, help="use only the first N images of each split (quick trials)")
     train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_workers_arg(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=run_train_teacher)
 
@@ -64,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--teacher-factory", default=None, help="package.module:function returning your nn.Module")
     evaluate.add_argument("--weights", default=None, help="state_dict file (or nonn checkpoint) for --teacher-factory")
     add_data_args(evaluate, fallback="the one the teacher was trained on")
+    add_normalize_arg(evaluate, "what the checkpoint recorded; auto for a teacher without a record")
     evaluate.add_argument("--batch-size", type=positive_int, default=256, help="batch size (default: 256)")
     evaluate.add_argument("--limit", type=positive_int, default=None, help="only the first N test images")
     add_torch_device_arg(evaluate)
@@ -76,11 +89,12 @@ def run_train_teacher(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     arch_kwargs = {k: v for k, v in (("width", args.width), ("dropout", args.dropout)) if v is not None}
     config = TeacherConfig(
-        dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, arch_kwargs=arch_kwargs, epochs=args.epochs,
+        dataset=args.dataset, data_dir=args.data_dir, image_size=None if args.image_size is None else list(args.image_size),
+        normalize=str(args.normalize or "dataset"), arch=args.arch, arch_kwargs=arch_kwargs, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         nesterov=args.nesterov, schedule=args.schedule, seed=args.seed, device=args.device, precision=args.precision, out=args.out,
         resume=args.resume, overwrite=args.overwrite, log=args.log, limit=args.limit, threads=args.threads,
-        progress=not args.no_progress,
+        workers=default_workers(args.workers), progress=not args.no_progress,
     )
     checkpoint = train_teacher(config)
     m = checkpoint["metrics"]
@@ -91,19 +105,21 @@ def run_train_teacher(args: argparse.Namespace) -> int:
 
 
 def run_eval_teacher(args: argparse.Namespace) -> int:
-    from nonn.students.data import load_dataset
+    from nonn.students.data import resolve_data
     from nonn.students.loader import make_loader
+    from nonn.students.normalization import teacher_contract
     from nonn.students.teacher import evaluate, load_teacher, resolve_device
 
     if (args.teacher is None) == (args.teacher_factory is None):
         raise CLIError("give exactly one of --teacher CHECKPOINT or --teacher-factory package.module:function")
     device = resolve_device(args.device)
     teacher = load_teacher(args.teacher, factory=args.teacher_factory, weights=args.weights, map_location=device)
-    dataset_name = args.dataset or (teacher.dataset or {}).get("name")
-    if dataset_name is None:
-        raise CLIError("--dataset is required: the teacher does not record which data set it was trained on")
-    dataset = load_dataset(dataset_name, args.data_dir)
-    result = evaluate(teacher.model, make_loader(dataset, "test", args.batch_size, train=False, limit=args.limit), device)
+    source = args.teacher or args.weights or args.teacher_factory
+    dataset = resolve_data(args.dataset, args.data_dir, args.image_size, [(teacher.dataset, source)])
+    contract = teacher_contract(args.normalize, dataset, teacher, device=device)
+    loader = make_loader(dataset, "test", args.batch_size, train=False, limit=args.limit, contract=contract)
+    result = evaluate(teacher.model, loader, device)
     print(json.dumps({"dataset": dataset.name, "test_loss": result["loss"], "test_acc": result["acc"],
+                      "normalize": contract.normalize, "mean": list(contract.mean), "std": list(contract.std),
                       "params": teacher.params, "fingerprint": teacher.fingerprint}))
     return 0
