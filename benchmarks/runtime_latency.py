@@ -58,7 +58,7 @@ def synthetic_bundle(out: Path, students: int, arch: str, input_shape: tuple[int
         "std": [0.25] * input_shape[0],
     }
     images = np.random.default_rng(0).random((8, *input_shape), dtype=np.float32)
-    export_bundle(ensemble, out, dataset_meta=meta, parity_images=images)
+    export_bundle(ensemble, out, dataset_meta=meta, parity_images=images, input_type="fp32")
     return out
 
 
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             bundle_dir = Path(args.bundle)
         bundle = Bundle.load(bundle_dir)
-        inputs = np.random.default_rng(1).normal(size=(args.requests, *bundle.preprocessing.input_shape)).astype(np.float32)
+        pixels = np.random.default_rng(1).integers(0, 256, size=(args.requests, *bundle.input_contract.input_shape), dtype=np.uint8)
+        inputs = bundle.input_contract.prepare(pixels)
 
         students = in_process(bundle, inputs, args.threads, args.warmup)
         slowest = max(students, key=lambda r: r["p50_ms"])

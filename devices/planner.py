@@ -431,7 +431,7 @@ def plan(
     if not devices:
         raise PlanError("no devices given")
     names = _device_names(devices)
-    input_shape = list(bundle.preprocessing.input_shape)
+    input_shape = list(bundle.input_contract.input_shape)
     students = bundle.students
     costs = _student_costs(bundle, devices, runtime_mb)
     memory, request, response, compute, transfer, times = (

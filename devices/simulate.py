@@ -9,9 +9,10 @@ request's outcome; optionally the same stream with every device up first, for co
 Every process it started is stopped before it returns, also when the run fails or is
 interrupted. `nonn.devices.report` turns the result into JSON, a terminal table and HTML.
 
-Pure numpy + the runtime: no torch. Images are raw: uint8 pixels, or floats in [0, 1], shaped
-(N, C, H, W); the bundle's preprocessing (mean, std) is applied here, as a client of the fleet
-would (`nonn.runtime.preprocessing.preprocess_images`).
+Pure numpy + the runtime: no torch. Images are as stored: uint8 pixels, or floats in [0, 1],
+shaped (N, C, H, W); the bundle's input contract turns them into what the students take (raw
+uint8 pixels or normalised floats), as a client of the fleet would
+(`nonn.runtime.input_contract.InputContract.prepare`).
 """
 
 from __future__ import annotations
@@ -167,7 +168,6 @@ def simulate(
     with the teacher to the report. With `config.compare_all_up`, the same stream runs first
     with every device up (after a short warm-up), and `result.baseline` holds that run.
     """
-    from nonn.runtime.preprocessing import preprocess_images
     from nonn.runtime.bundle import Bundle
 
     config = config or SimulationConfig()
@@ -180,8 +180,7 @@ def simulate(
             f"{len(profiles)} device profiles for a bundle with {bundle.num_students} students; "
             f"give {each} (e.g. --devices rpi3b+:{num_devices})"
         )
-    pre = bundle.preprocessing
-    x = preprocess_images(images, pre.mean, pre.std, pre.input_shape, pre.pixel_scale)
+    x = bundle.input_contract.prepare(images)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
     if labels.shape[0] != x.shape[0]:
         raise ValueError(f"{x.shape[0]} images but {labels.shape[0]} labels")
@@ -241,6 +240,7 @@ def _bundle_summary(bundle: Any) -> dict[str, Any]:
         ],
         "head": {"params": bundle.head.params, "flops": bundle.head.flops},
         "teacher": None if teacher is None else {"arch": teacher.arch, "params": teacher.params, "flops": teacher.flops},
-        "input_shape": list(bundle.preprocessing.input_shape),
+        "input_shape": list(bundle.input_contract.input_shape),
+        "input_datatype": bundle.input_contract.datatype,
         "num_classes": bundle.num_classes,
     }

@@ -35,7 +35,6 @@ from nonn.runtime.device_client import TRANSPORTS, DeviceClient, DeviceOutcome
 from nonn.runtime.ensemble import EnsembleSpec, StudentRoute, parse_endpoints
 from nonn.runtime.health import DeviceHealth, HealthEvent
 from nonn.runtime.onnx_model import OnnxModel
-from nonn.runtime.preprocessing import preprocess_images
 from nonn.runtime.replicas import ReplicaSet
 from nonn.runtime.retry import Backoff, Deadline
 from nonn.runtime.tls import ClientTLS
@@ -50,7 +49,6 @@ __all__ = [
     "StudentRoute",
     "EnsembleSpec",
     "parse_endpoints",
-    "preprocess_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -279,8 +277,11 @@ class Aggregator(BlockingFacade):
         batch = np.asarray(batch)
         dtype = numpy_dtype(self.input_spec.datatype)
         if batch.dtype != dtype:
-            if batch.dtype.kind not in "fiu":
-                raise ValueError(f"batch has dtype {batch.dtype}; expected {self.input_spec.datatype} numbers")
+            if batch.dtype.kind not in "fiu" or (batch.dtype.kind == "f" and dtype.kind in "iu"):
+                raise ValueError(
+                    f"batch has dtype {batch.dtype}; the students take {self.input_spec.datatype} "
+                    "(prepare images with the bundle's input contract: Bundle.input_contract.prepare)"
+                )
             batch = batch.astype(dtype)
         try:
             check_shape(self.input_spec, batch.shape, self.max_batch)

@@ -16,8 +16,14 @@ manifest.json fields (unknown extra fields are ignored, so later versions can ad
                       feature_size, group (teacher filter indices), index, params, flops,
                       activation_bytes, precision ("fp32" | "int8"), parity_max_abs_diff, arch
     head              the same model fields: features (N, sum F_k) -> logits (N, classes)
-    preprocessing     mean, std (per channel), input_shape (C, H, W), layout "NCHW",
-                      pixel_scale (raw uint8 -> [0, 1])
+    input_contract    what the students take and how to get it from an image as stored
+                      (nonn.runtime.input_contract): input_shape (C, H, W), layout "NCHW",
+                      pixel_scale (uint8 -> [0, 1]), mean, std (per channel), normalize (where
+                      mean/std came from), datatype ("UINT8": raw pixels, normalised inside
+                      each student's graph; "FP32": normalised floats), out_of_range ("error" or
+                      "warn" for float pixels outside [0, 1]). Manifests written before it was
+                      added carry "preprocessing" (mean, std, input_shape, layout, pixel_scale),
+                      read as an FP32 contract.
     class_names       one per logit
     teacher           arch, params, flops, input_shape, fingerprint, feature_layer,
                       activation_bytes, layers[] {name, input_shape, output_shape, flops, params}
@@ -42,6 +48,7 @@ from typing import Any, Iterable
 
 from nonn.artifacts import ArtifactError, atomic_write_json, read_json_artifact, sha256_file
 from nonn.runtime.datatypes import DATATYPES, TensorError, TensorSpec, datatype_from_onnx
+from nonn.runtime.input_contract import InputContract
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -50,7 +57,6 @@ __all__ = [
     "TensorSpec",
     "ModelEntry",
     "StudentEntry",
-    "Preprocessing",
     "LayerSummary",
     "TeacherSummary",
     "Bundle",
@@ -239,33 +245,6 @@ class StudentEntry(ModelEntry):
 
 
 @dataclass
-class Preprocessing:
-    """How a client turns an image into the students' input: x in [0,1], then (x - mean) / std."""
-
-    mean: list[float]
-    std: list[float]
-    input_shape: list[int]  # (C, H, W)
-    layout: str = "NCHW"
-    pixel_scale: float = 1.0 / 255.0  # multiply raw uint8 pixels by this to get [0, 1]
-
-    @classmethod
-    def _read(cls, r: _Reader) -> "Preprocessing":
-        shape = r.int_list("input_shape", minimum=1)
-        if len(shape) != 3:
-            r.fail(f"expected (C, H, W), got {shape}", "input_shape")
-        mean, std = r.float_list("mean"), r.float_list("std")
-        if len(mean) != shape[0] or len(std) != shape[0]:
-            r.fail(f"mean/std need one value per channel ({shape[0]}), got {len(mean)}/{len(std)}")
-        if any(s <= 0 for s in std):
-            r.fail(f"std must be positive, got {std}", "std")
-        layout = r.str("layout")
-        if layout != "NCHW":
-            r.fail(f"only NCHW is supported, got {layout!r}", "layout")
-        scale = r.float("pixel_scale", optional=True)
-        return cls(mean=mean, std=std, input_shape=shape, layout=layout, pixel_scale=1 / 255 if scale is None else scale)
-
-
-@dataclass
 class LayerSummary:
     """One teacher layer for the model-parallel comparison: its output activation and cost."""
 
@@ -338,7 +317,7 @@ class Bundle:
 
     students: list[StudentEntry]
     head: ModelEntry
-    preprocessing: Preprocessing
+    input_contract: InputContract
     class_names: list[str]
     teacher: TeacherSummary | None = None
     dataset: dict[str, Any] = field(default_factory=dict)
@@ -403,6 +382,7 @@ class Bundle:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("root")
+        d["input_contract"] = self.input_contract.to_dict()
         d["triton_repository"] = d.pop("triton_repository_dir")
         return {"format": BUNDLE_FORMAT, **d}
 
@@ -432,7 +412,7 @@ class Bundle:
         bundle = cls(
             students=students,
             head=ModelEntry._read(r.sub("head")),  # type: ignore[arg-type]
-            preprocessing=Preprocessing._read(r.sub("preprocessing")),  # type: ignore[arg-type]
+            input_contract=_read_contract(r),
             class_names=list(class_names),
             teacher=TeacherSummary._read(teacher_r) if teacher_r is not None else None,
             dataset=r.dict("dataset", optional=True) or {},
@@ -470,7 +450,8 @@ class Bundle:
         if len(set(files)) != len(files):
             fail(f"model files must be distinct, got {files}")
         seen: dict[int, str] = {}
-        image_shape = (-1, *self.preprocessing.input_shape)
+        contract = self.input_contract
+        image_shape = (-1, *contract.input_shape)
         for i, s in enumerate(self.students):
             where = f"students[{i}] ({s.name})"
             if len(s.group) != s.feature_size:
@@ -480,7 +461,9 @@ class Bundle:
                     fail(f"{where}: filter {f} is also in {seen[f]}'s group (groups must be disjoint)")
                 seen[f] = s.name
             if s.input.shape != image_shape:
-                fail(f"{where}: input shape {list(s.input.shape)} does not match preprocessing {list(image_shape)}")
+                fail(f"{where}: input shape {list(s.input.shape)} does not match the input contract's {list(image_shape)}")
+            if s.input.datatype != contract.datatype:
+                fail(f"{where}: input datatype {s.input.datatype}, but the input contract says the students take {contract.datatype}")
             if s.output.shape != (-1, s.feature_size):
                 fail(f"{where}: output shape {list(s.output.shape)}, expected [-1, {s.feature_size}]")
         total = sum(self.feature_sizes)
@@ -488,8 +471,8 @@ class Bundle:
             fail(f"head: input shape {list(self.head.input.shape)}, expected [-1, {total}] (sum of feature sizes)")
         if self.head.output.shape != (-1, self.num_classes):
             fail(f"head: output shape {list(self.head.output.shape)}, expected [-1, {self.num_classes}] (one per class name)")
-        if self.teacher is not None and self.teacher.input_shape != self.preprocessing.input_shape:
-            fail(f"teacher: input shape {self.teacher.input_shape} differs from preprocessing {self.preprocessing.input_shape}")
+        if self.teacher is not None and list(self.teacher.input_shape) != list(contract.input_shape):
+            fail(f"teacher: input shape {self.teacher.input_shape} differs from the input contract's {list(contract.input_shape)}")
 
 
 # --------------------------------------------------------------------------- verification
@@ -571,11 +554,25 @@ def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def _input_words(contract: InputContract) -> str:
+    what = "raw uint8 pixels" if contract.raw_input else "normalised float32"
+    return f"({what}; normalisation {contract.describe()})"
+
+
+def _read_contract(r: _Reader) -> InputContract:
+    """The manifest's input contract, or the preprocessing section of a manifest written before it."""
+    if r.obj.get("input_contract") is not None:
+        return InputContract.from_dict(r.obj["input_contract"], f"{r.source}: input_contract")
+    legacy = r.dict("preprocessing")
+    return InputContract.from_dict({**legacy, "normalize": "dataset", "datatype": "FP32"}, f"{r.source}: preprocessing")
+
+
 def summarize(bundle: Bundle) -> list[str]:
     """Human-readable lines describing a bundle (for `nonn bundle verify` and logs)."""
     lines = [
         f"bundle {bundle.root}: {bundle.num_students} students, {bundle.num_classes} classes, "
-        f"input {bundle.preprocessing.input_shape}, precision {', '.join(_unique(s.precision for s in bundle.students))}"
+        f"input {list(bundle.input_contract.input_shape)} {_input_words(bundle.input_contract)}, "
+        f"precision {', '.join(_unique(s.precision for s in bundle.students))}"
     ]
     for s in bundle.students:
         lines.append(

@@ -1,10 +1,15 @@
 """Export a trained student ensemble to an ONNX deployment bundle (see nonn.runtime.bundle).
 
 Per student one ONNX model, image (N, C, H, W) -> pooled features (N, |P_k|), and one for the
-head, concatenated features (N, sum |P_k|) -> logits; the batch dimension is dynamic. Each model
-is checked with onnx.checker and strict shape inference, then run in ONNX Runtime against
-PyTorch on real images: a maximum absolute difference at or above the tolerance (1e-4) fails the
-export. `quantize="int8"` adds ONNX Runtime static quantization (QDQ, per-channel weights)
+head, concatenated features (N, sum |P_k|) -> logits; the batch dimension is dynamic. By default
+a student takes raw uint8 pixels and normalises them itself (a Cast, Mul and Add in front of the
+graph, from the input contract), so clients send images as stored and a device receives a
+quarter of the bytes of float input; `input_type="fp32"` exports graphs that take normalised
+float32 instead. The manifest's input contract says which. Each model is checked with
+onnx.checker and strict shape inference, then run in ONNX Runtime against PyTorch on real
+images (the same pixels on both sides): a maximum absolute difference at or above the
+tolerance (1e-4, times the largest output magnitude where that exceeds 1, since float32 carries
+about seven significant digits) fails the export. `quantize="int8"` adds ONNX Runtime static quantization (QDQ, per-channel weights)
 calibrated on training images, and reports size and accuracy before and after.
 
 Everything is written inside `nonn.artifacts.atomic_directory`: a failed export leaves no half
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import logging
 import shutil
@@ -28,7 +34,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,14 +50,16 @@ from nonn.runtime.bundle import (
     Bundle,
     LayerSummary,
     ModelEntry,
-    Preprocessing,
     StudentEntry,
     TeacherSummary,
     TensorSpec,
 )
+from nonn.runtime.input_contract import InputContract
 
 __all__ = [
     "ExportError",
+    "INPUT_TYPES",
+    "RawPixelInput",
     "ModelProfile",
     "PARITY_TOLERANCE",
     "profile_model",
@@ -67,10 +75,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PARITY_TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| allowed for an fp32 model
+PARITY_TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| allowed for an fp32 model (outputs up to 1 in magnitude)
 STUDENT_INPUT, STUDENT_OUTPUT = "image", "features"
 HEAD_INPUT, HEAD_OUTPUT = "features", "logits"
 FLOAT_BYTES = 4
+INPUT_TYPES = {"uint8": "UINT8", "fp32": "FP32"}  # --input -> the students' input datatype
 
 
 class ExportError(ValueError):
@@ -268,30 +277,54 @@ def onnx_session(path: str | Path, threads: int = 1):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _run_session(session, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _run_session(session, inputs: np.ndarray, batch_size: int = 256, prepare: Callable[[np.ndarray], np.ndarray] = _identity) -> np.ndarray:
+    """The session's output over `inputs`, `prepare`d batch by batch (memory bounded by the batch)."""
     name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
+    outs = [session.run(None, {name: prepare(inputs[i : i + batch_size])})[0] for i in range(0, len(inputs), batch_size)]
     return np.concatenate(outs, axis=0)
 
 
 @torch.no_grad()
-def _run_torch(module: nn.Module, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def _run_torch(module: nn.Module, inputs: np.ndarray, batch_size: int = 256, prepare: Callable[[np.ndarray], np.ndarray] = _identity) -> np.ndarray:
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    outs = [module(torch.from_numpy(inputs[i : i + batch_size]).to(device)).float().cpu().numpy() for i in range(0, len(inputs), batch_size)]
+    outs = [module(torch.from_numpy(prepare(inputs[i : i + batch_size])).to(device)).float().cpu().numpy()
+            for i in range(0, len(inputs), batch_size)]
     return np.concatenate(outs, axis=0)
 
 
-def max_abs_diff(module: nn.Module, onnx_path: str | Path, inputs: np.ndarray) -> float:
-    """max |ONNX Runtime(inputs) - PyTorch(inputs)| over all outputs."""
+def max_abs_diff(module: nn.Module, onnx_path: str | Path, inputs: np.ndarray, onnx_inputs: np.ndarray | None = None) -> float:
+    """max |ONNX Runtime(onnx_inputs) - PyTorch(inputs)| over all outputs (`onnx_inputs`
+    defaults to `inputs`; a raw-pixel graph gets the pixels PyTorch saw normalised)."""
+    return _parity(module, onnx_path, inputs, onnx_inputs)[0]
+
+
+def _parity(module: nn.Module, onnx_path: str | Path, inputs: np.ndarray, onnx_inputs: np.ndarray | None = None) -> tuple[float, float, np.ndarray]:
+    """(max abs difference, largest PyTorch output magnitude, PyTorch's outputs)."""
     expected = _run_torch(module.eval(), inputs)
-    actual = _run_session(onnx_session(onnx_path), inputs)
+    actual = _run_session(onnx_session(onnx_path), inputs if onnx_inputs is None else onnx_inputs)
     if actual.shape != expected.shape:
         raise ExportError(f"{onnx_path}: ONNX Runtime returns shape {actual.shape}, PyTorch {expected.shape}")
-    return float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if expected.size else 0.0
+    if not expected.size:
+        return 0.0, 0.0, expected
+    diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
+    return diff, float(np.max(np.abs(expected))), expected
+
+
+def _check_parity(name: str, diff: float, scale: float, tolerance: float, images: int) -> None:
+    """Fail when the difference reaches `tolerance` (relative to the outputs' magnitude above 1)."""
+    if not diff < tolerance * max(1.0, scale):
+        raise ExportError(
+            f"{name}: ONNX Runtime differs from PyTorch by {diff:.3g} (max abs, outputs up to {scale:.3g}) on {images} inputs; "
+            f"tolerance {tolerance:g}" + (f" x {scale:.3g}" if scale > 1 else "")
+        )
 
 
 class ImageCalibrationReader(CalibrationDataReader):
-    """onnxruntime.quantization CalibrationDataReader over normalised training images."""
+    """onnxruntime.quantization CalibrationDataReader over training images, as the model takes them."""
 
     def __init__(self, input_name: str, images: np.ndarray, batch_size: int = 32) -> None:
         self.input_name = input_name
@@ -310,7 +343,7 @@ class ImageCalibrationReader(CalibrationDataReader):
 
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.ndarray) -> None:
     """Static int8 quantization (QDQ format, per-channel int8 weights, int8 activations)
-    calibrated with MinMax on `calibration` (normalised images, N x C x H x W)."""
+    calibrated with MinMax on `calibration` (images as the model takes them, N x C x H x W)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -345,11 +378,13 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.
             extra.unlink(missing_ok=True)
 
 
-def onnx_accuracy(student_paths: Sequence[str | Path], head_path: str | Path, images: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of the exported pipeline (all students -> concat -> head) in ONNX Runtime."""
+def onnx_accuracy(student_paths: Sequence[str | Path], head_path: str | Path, images: np.ndarray, labels: np.ndarray,
+                  prepare: Callable[[np.ndarray], np.ndarray] = _identity) -> float:
+    """Top-1 accuracy of the exported pipeline (all students -> concat -> head) in ONNX Runtime;
+    `prepare` turns a batch of `images` into what the students take."""
     if len(images) == 0:
         raise ExportError("accuracy needs at least one image")
-    features = np.concatenate([_run_session(onnx_session(p), images) for p in student_paths], axis=1)
+    features = np.concatenate([_run_session(onnx_session(p), images, prepare=prepare) for p in student_paths], axis=1)
     logits = _run_session(onnx_session(head_path), features.astype(np.float32))
     return float(np.mean(logits.argmax(axis=1) == labels))
 
@@ -357,27 +392,43 @@ def onnx_accuracy(student_paths: Sequence[str | Path], head_path: str | Path, im
 # --------------------------------------------------------------------------- the bundle
 
 
-def _normalise(images: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 4 or list(images.shape[1:]) != pre.input_shape:
-        raise ExportError(f"images must be (N, {', '.join(map(str, pre.input_shape))}), got {images.shape}")
-    mean = np.asarray(pre.mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(pre.std, dtype=np.float32).reshape(-1, 1, 1)
-    return ((images - mean) / std).astype(np.float32)
+class RawPixelInput(nn.Module):
+    """A student that takes raw uint8 pixels: x * a + b per channel (the input contract's pixel
+    scale and normalisation), then the student. Exported, this is a Cast, a Mul and an Add in
+    front of the student's graph."""
+
+    def __init__(self, student: nn.Module, contract: InputContract) -> None:
+        super().__init__()
+        a, b = contract.scale_shift()
+        self.student = student
+        self.register_buffer("scale", torch.from_numpy(a)[None])
+        self.register_buffer("shift", torch.from_numpy(b)[None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x.to(torch.float32) * self.scale + self.shift)
 
 
-def _preprocessing(dataset_meta: dict[str, Any]) -> Preprocessing:
+def _contract(dataset_meta: dict[str, Any], contract: InputContract | None, input_type: str) -> InputContract:
+    """The bundle's input contract: the one given (else the data set's mean/std), taking `input_type`."""
+    if input_type not in INPUT_TYPES:
+        raise ExportError(f"input type must be one of {', '.join(INPUT_TYPES)}, got {input_type!r}")
+    if contract is None:
+        try:
+            contract = InputContract.from_dataset_meta(dataset_meta, "dataset_meta")
+        except ArtifactError as exc:
+            raise ExportError(f"dataset_meta needs input_shape, mean and std (as the data set's meta() gives): {exc}") from exc
+    return contract.with_datatype(INPUT_TYPES[input_type])
+
+
+def _images(images: np.ndarray | None, contract: InputContract, what: str) -> np.ndarray | None:
+    """Images as stored, checked against the contract's shape; floats are rounded to uint8
+    pixels first for a raw-pixel bundle, so PyTorch and ONNX Runtime see the same pixels."""
+    if images is None:
+        return None
     try:
-        pre = Preprocessing(
-            mean=[float(v) for v in dataset_meta["mean"]],
-            std=[float(v) for v in dataset_meta["std"]],
-            input_shape=[int(d) for d in dataset_meta["input_shape"]],
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ExportError(f"dataset_meta needs input_shape, mean and std (as ImageDataset.meta() gives), got {dataset_meta!r}") from exc
-    if len(pre.input_shape) != 3 or len(pre.mean) != pre.input_shape[0] or len(pre.std) != pre.input_shape[0]:
-        raise ExportError(f"dataset_meta: input_shape {pre.input_shape} with mean {pre.mean} / std {pre.std} is inconsistent")
-    return pre
+        return contract.to_uint8(images) if contract.raw_input else contract.to_unit(images)
+    except ValueError as exc:
+        raise ExportError(f"{what}: {exc}") from exc
 
 
 def _class_names(dataset_meta: dict[str, Any], num_classes: int) -> list[str]:
@@ -416,11 +467,15 @@ def export_bundle(
     tolerance: float = PARITY_TOLERANCE,
     overwrite: bool = True,
     progress: bool = False,
+    contract: InputContract | None = None,
+    input_type: str = "uint8",
 ) -> Bundle:
     """Write the deployment bundle for `ensemble` into `out_dir` (atomically) and return it.
 
-    Images are raw, in [0, 1], (N, C, H, W) as ImageDataset holds them; they are normalised
-    with `dataset_meta`'s mean/std, exactly as the manifest's preprocessing tells clients to.
+    Images are as stored: uint8 pixels or floats in [0, 1], (N, C, H, W). `contract` is how the
+    students were trained to see them (default: normalised by `dataset_meta`'s mean/std); the
+    students take `input_type` "uint8" (raw pixels, normalised inside each graph) or "fp32"
+    (normalised floats), and the manifest's input contract says which.
     `parity_images` (default: `calibration_images`) are run through PyTorch and ONNX Runtime;
     `calibration_images` (training images) calibrate int8; `eval_data` = (images, labels)
     gives the accuracy report. Raises ExportError (and writes nothing) when a model's parity
@@ -437,18 +492,23 @@ def export_bundle(
     # deployment, and a GPU's TF32 convolutions would differ from it by more than the tolerance.
     ensemble = copy.deepcopy(ensemble).cpu().float().eval()
     students, head, groups = _check_ensemble(ensemble)
-    pre = _preprocessing(dataset_meta)
+    contract = _contract(dataset_meta, contract, input_type)
+    shape = list(contract.input_shape)
     class_names = _class_names(dataset_meta, head.out_features)
-    parity_raw = parity_images if parity_images is not None else calibration_images
+    parity_raw = _images(parity_images if parity_images is not None else calibration_images, contract, "parity images")
     if parity_raw is None or len(parity_raw) == 0:
         raise ExportError("the parity check needs real images: pass parity_images or calibration_images")
-    parity_x = _normalise(parity_raw, pre)
-    calib_x = _normalise(calibration_images, pre) if calibration_images is not None else None
-    eval_x, eval_y = (_normalise(eval_data[0], pre), np.asarray(eval_data[1])) if eval_data is not None else (None, None)
+
+    def torch_input(batch: np.ndarray) -> np.ndarray:  # what PyTorch was trained on
+        return contract.normalize_unit(contract.to_unit(batch))
+
+    parity_x, parity_onnx = torch_input(parity_raw), contract.prepare(parity_raw)
+    calib_onnx = contract.prepare(_images(calibration_images, contract, "calibration images")) if calibration_images is not None else None
+    eval_raw, eval_y = (_images(eval_data[0], contract, "evaluation images"), np.asarray(eval_data[1])) if eval_data is not None else (None, None)
 
     if isinstance(teacher, nn.Module):
-        teacher = teacher_summary(teacher, pre.input_shape)
-    example = torch.from_numpy(parity_x[: min(2, len(parity_x))])
+        teacher = teacher_summary(teacher, shape)
+    example = torch.from_numpy(parity_onnx[: min(2, len(parity_onnx))])
     steps = len(students) + 1 + (len(students) if quantize else 0) + (1 if eval_data is not None else 0)
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp, tqdm(total=steps, desc="export", disable=not progress, unit="model") as bar:
@@ -459,19 +519,18 @@ def export_bundle(
             name = f"student_{k}"
             path = tmp / f"{name}.onnx"
             bar.set_postfix_str(name)
-            export_onnx(student, example, path, STUDENT_INPUT, STUDENT_OUTPUT, opset)
-            diff = max_abs_diff(student, path, parity_x)
-            if not diff < tolerance:
-                raise ExportError(f"{name}: ONNX Runtime differs from PyTorch by {diff:.3g} (max abs) on {len(parity_x)} images; tolerance {tolerance:g}")
-            prof = profile_model(student, pre.input_shape)
+            export_onnx(RawPixelInput(student, contract) if contract.raw_input else student, example, path, STUDENT_INPUT, STUDENT_OUTPUT, opset)
+            diff, scale, features = _parity(student, path, parity_x, parity_onnx)
+            _check_parity(name, diff, scale, tolerance, len(parity_x))
+            prof = profile_model(student, shape)
             spec = getattr(student, "spec", None)
             entries.append(
                 StudentEntry(
                     name=name,
                     file=path.name,
                     sha256="0" * 64,  # filled in once the final file is known
-                    input=TensorSpec(STUDENT_INPUT, [-1, *pre.input_shape]),
-                    output=TensorSpec(STUDENT_OUTPUT, [-1, len(group)]),
+                    input=TensorSpec(name=STUDENT_INPUT, shape=[-1, *shape], datatype=contract.datatype),
+                    output=TensorSpec(name=STUDENT_OUTPUT, shape=[-1, len(group)], datatype="FP32"),
                     params=prof.params,
                     flops=prof.flops,
                     parity_max_abs_diff=diff,
@@ -483,23 +542,22 @@ def export_bundle(
                 )
             )
             model_files.append(path)
-            features_parity.append(_run_torch(student, parity_x))
+            features_parity.append(features)
             bar.update()
 
         head_path = tmp / "head.onnx"
         bar.set_postfix_str("head")
         head_in = np.concatenate(features_parity, axis=1).astype(np.float32)
         export_onnx(head, torch.from_numpy(head_in[:2]), head_path, HEAD_INPUT, HEAD_OUTPUT, opset)
-        head_diff = max_abs_diff(head, head_path, head_in)
-        if not head_diff < tolerance:
-            raise ExportError(f"head: ONNX Runtime differs from PyTorch by {head_diff:.3g} (max abs); tolerance {tolerance:g}")
+        head_diff, head_scale, _ = _parity(head, head_path, head_in)
+        _check_parity("head", head_diff, head_scale, tolerance, len(head_in))
         head_prof = profile_model(head, [head.in_features])
         head_entry = ModelEntry(
             name="head",
             file=head_path.name,
             sha256="0" * 64,
-            input=TensorSpec(HEAD_INPUT, [-1, head.in_features]),
-            output=TensorSpec(HEAD_OUTPUT, [-1, head.out_features]),
+            input=TensorSpec(name=HEAD_INPUT, shape=[-1, head.in_features], datatype="FP32"),
+            output=TensorSpec(name=HEAD_OUTPUT, shape=[-1, head.out_features], datatype="FP32"),
             params=head_prof.params,
             flops=head_prof.flops,
             parity_max_abs_diff=head_diff,
@@ -508,17 +566,17 @@ def export_bundle(
         bar.update()
 
         metrics: dict[str, Any] = {"parity_images": int(len(parity_x)), "parity_tolerance": tolerance}
-        if eval_x is not None:
+        if eval_raw is not None:
             bar.set_postfix_str("accuracy")
-            logits = _run_torch(ensemble, eval_x)
+            logits = _run_torch(ensemble, eval_raw, prepare=torch_input)
             metrics["torch_accuracy"] = float(np.mean(logits.argmax(axis=1) == eval_y))
-            metrics["onnx_accuracy"] = onnx_accuracy(model_files, head_path, eval_x, eval_y)
-            metrics["eval_images"] = int(len(eval_x))
+            metrics["onnx_accuracy"] = onnx_accuracy(model_files, head_path, eval_raw, eval_y, prepare=contract.prepare)
+            metrics["eval_images"] = int(len(eval_raw))
             bar.update()
 
         quantization = None
         if quantize == "int8":
-            assert calib_x is not None
+            assert calib_onnx is not None
             fp32_dir = tmp / "fp32"
             fp32_dir.mkdir()
             int8_feature_diffs = []
@@ -528,9 +586,9 @@ def export_bundle(
                 bar.set_postfix_str(f"int8 {entry.name}")
                 kept = fp32_dir / fp32.name
                 shutil.move(str(fp32), kept)
-                quantize_int8(kept, fp32, calib_x)
+                quantize_int8(kept, fp32, calib_onnx)
                 int8_feature_diffs.append(
-                    float(np.max(np.abs(_run_session(onnx_session(fp32), parity_x) - _run_session(onnx_session(kept), parity_x))))
+                    float(np.max(np.abs(_run_session(onnx_session(fp32), parity_onnx) - _run_session(onnx_session(kept), parity_onnx))))
                 )
                 entry.precision = "int8"
                 entry.parity_max_abs_diff = None  # int8 is approximate; its feature error is reported below
@@ -538,17 +596,17 @@ def export_bundle(
             quantization = {
                 "mode": "int8",
                 "method": "onnxruntime static quantization, QDQ, per-channel symmetric int8 weights, int8 activations, MinMax calibration",
-                "calibration_images": int(len(calib_x)),
+                "calibration_images": int(len(calib_onnx)),
                 "fp32_bytes": int(fp32_bytes),
                 "int8_bytes": int(sum(p.stat().st_size for p in model_files)),
                 "max_abs_feature_diff": int8_feature_diffs,
                 "fp32_parity_max_abs_diff": fp32_parity,
                 "fp32_models": "fp32/",
             }
-            if eval_x is not None:
+            if eval_raw is not None:
                 quantization["fp32_accuracy"] = metrics["onnx_accuracy"]
-                quantization["int8_accuracy"] = onnx_accuracy(model_files, head_path, eval_x, eval_y)
-                quantization["eval_images"] = int(len(eval_x))
+                quantization["int8_accuracy"] = onnx_accuracy(model_files, head_path, eval_raw, eval_y, prepare=contract.prepare)
+                quantization["eval_images"] = int(len(eval_raw))
 
         for entry in [*entries, head_entry]:
             path = tmp / entry.file
@@ -558,7 +616,7 @@ def export_bundle(
         bundle = Bundle(
             students=entries,
             head=head_entry,
-            preprocessing=pre,
+            input_contract=contract,
             class_names=class_names,
             teacher=teacher,
             dataset=dict(dataset_meta),
@@ -608,14 +666,19 @@ def export_from_checkpoint(
     seed: int = 0,
     overwrite: bool = True,
     progress: bool = False,
+    image_size: Any = None,
+    input_type: str = "uint8",
+    out_of_range: str = "error",
 ) -> Bundle:
     """Export a students checkpoint ("nonn.students/1"): real test images for parity and the
     accuracy report, a seeded random sample of training images for int8 calibration.
 
     The data set is the one the students were trained on (as the checkpoint recorded it), or
-    `dataset` when given; it must have the recorded input shape and number of classes.
+    `dataset` when given; it must have the recorded input shape and number of classes. Images
+    are normalised as the checkpoint's input contract says; `input_type` and `out_of_range`
+    complete the bundle's contract.
     """
-    from nonn.students.data import load_dataset
+    from nonn.students.data import resolve_data
     from nonn.students.train import check_dataset_matches, load_students
 
     if calibration_count < 1 or parity_count < 1 or eval_count < 0:
@@ -625,16 +688,20 @@ def export_from_checkpoint(
     loaded = load_students(path)
     meta = loaded.meta
     dataset_meta = meta.get("dataset") or {}
-    spec = dataset or (meta.get("config") or {}).get("dataset") or dataset_meta.get("name")
-    if not spec:
-        raise ArtifactError(f"{path}: the checkpoint records no data set; pass the one it was trained on (--dataset)")
-    data = load_dataset(spec, data_dir)
+    data = resolve_data(dataset, data_dir, image_size, [(dataset_meta, str(path)), (meta.get("config"), str(path))])
     check_dataset_matches(dataset_meta, data, what=f"students checkpoint {path}")
-    # Normalise exactly as in training: the checkpoint's recorded statistics win.
     dataset_meta = {**data.meta(), **dataset_meta}
+    contract = dataclasses.replace(loaded.contract, out_of_range=out_of_range)
     rng = np.random.default_rng(seed)
-    calib = data.train_x[rng.permutation(len(data.train_x))[:calibration_count]]
-    test_x, test_y = (data.test_x, data.test_y) if len(data.test_x) else (data.train_x, data.train_y)
+    n_train = data.split_size("train")
+    calib = data.read("train", np.sort(rng.permutation(n_train)[:calibration_count]))
+    test_split = "test" if data.split_size("test") else "train"
+    n_test = data.split_size(test_split)
+    parity = data.read(test_split, np.arange(min(parity_count, n_test)))
+    evaluation = None
+    if eval_count > 0:
+        count = min(eval_count, n_test)
+        evaluation = (data.read(test_split, np.arange(count)), data.labels(test_split)[:count])
     teacher_info = meta.get("teacher") or {}
     teacher: TeacherSummary | None = None
     module = _teacher_module(teacher_info)
@@ -656,9 +723,11 @@ def export_from_checkpoint(
         quantize=quantize,
         opset=opset,
         teacher=teacher,
-        parity_images=test_x[:parity_count],
-        eval_data=(test_x[:eval_count], test_y[:eval_count]) if eval_count > 0 else None,
+        parity_images=parity,
+        eval_data=evaluation,
         partition=meta.get("partition"),
         overwrite=overwrite,
         progress=progress,
+        contract=contract,
+        input_type=input_type,
     )

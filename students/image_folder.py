@@ -27,7 +27,7 @@ import numpy as np
 
 from nonn.students.data import AugmentSpec, DataError, DatasetInfo, split_indices
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "decode_image", "list_images"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "decode_image", "list_images", "images_to_classify"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -245,3 +245,29 @@ def _check_split(split: str) -> str:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return split
+
+
+def images_to_classify(root: str | os.PathLike[str], class_names: Sequence[str]) -> tuple[list[Path], np.ndarray | None]:
+    """The image files below `root` for inference, and their labels when `root` holds one
+    folder per class (named as in `class_names`); a folder of images alone has no labels."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    dirs = _visible_dirs(root)
+    if not dirs:
+        files = list_images(root)
+        if not files:
+            raise DataError(f"{root}: no images (looked for {', '.join(e[1:] for e in IMAGE_EXTENSIONS[:4])}, ... files)")
+        return files, None
+    unknown = [d.name for d in dirs if d.name not in class_names]
+    if unknown:
+        raise DataError(f"{root}: folder(s) {', '.join(unknown)} are not classes of the bundle ({', '.join(class_names)})")
+    _, files, labels = _class_files(root, [d.name for d in dirs])
+    index = {name: i for i, name in enumerate(class_names)}
+    return files, np.asarray([index[dirs[label].name] for label in labels], dtype=np.int64)
+
+
+def read_images(files: Sequence[Path], shape: Sequence[int]) -> np.ndarray:
+    """Decode `files` into uint8 (n, C, H, W) of `shape` (C, H, W), resized as needed."""
+    c, h, w = (int(d) for d in shape)
+    return FolderReader(list(files), "L" if c == 1 else "RGB", (h, w), (c, h, w))(range(len(files)))

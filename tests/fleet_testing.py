@@ -31,7 +31,7 @@ def ensemble_predictions(bundle: Bundle, images: np.ndarray, present=None) -> np
     """The ensemble's classes computed in-process with ONNX Runtime (zeros for absent students)."""
     import onnxruntime as ort
 
-    pre = bundle.preprocessing
+    pre = bundle.input_contract
     x = (images.astype(np.float32) - pre.mean[0]) / pre.std[0]
     parts = []
     for k, s in enumerate(bundle.students):

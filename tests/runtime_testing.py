@@ -132,7 +132,8 @@ def make_bundle(directory: Path, feature_sizes=(3, 2, 4, 3), input_shape=(1, 4, 
     TeacherSummary for the planner's comparisons.
     """
     from nonn.artifacts import sha256_file
-    from nonn.runtime.bundle import Bundle, ModelEntry, Preprocessing, StudentEntry, TensorSpec
+    from nonn.runtime.bundle import Bundle, ModelEntry, StudentEntry, TensorSpec
+    from nonn.runtime.input_contract import InputContract
 
     directory.mkdir(parents=True, exist_ok=True)
     students = []
@@ -170,7 +171,7 @@ def make_bundle(directory: Path, feature_sizes=(3, 2, 4, 3), input_shape=(1, 4, 
     bundle = Bundle(
         students=students,
         head=head,
-        preprocessing=Preprocessing(mean=[mean] * c, std=[std] * c, input_shape=list(input_shape)),
+        input_contract=InputContract(tuple(input_shape), (mean,) * c, (std,) * c, normalize="explicit"),
         class_names=[f"class{i}" for i in range(classes)],
         teacher=teacher,
         triton_repository_dir=None,

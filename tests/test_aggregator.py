@@ -18,7 +18,6 @@ import pytest
 from nonn.cli import main
 from nonn.runtime.aggregator import AggregationError, Aggregator
 from nonn.runtime.ensemble_backend import AggregatorBackend
-from nonn.runtime.preprocessing import preprocess_images
 from nonn.runtime.onnx_model import OnnxModel
 from nonn.runtime.server import DeviceServer, InferenceServicer, InferOutput, ModelBackend, OnnxBackend, RequestError, student_backend
 
@@ -247,8 +246,7 @@ def test_cli_infer_json(bundle, devices, tmp_path, capsys):
                  "--input", str(tmp_path / "images.npy"), "--batch-size", "3", "--json"])  # fmt: skip
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    pre = bundle.preprocessing
-    x = preprocess_images(images, pre.mean, pre.std, pre.input_shape, pre.pixel_scale)
+    x = bundle.input_contract.prepare(images)
     assert report["predictions"] == reference_logits(bundle, x).argmax(1).tolist()
     assert report["batches"] == 3 and report["degraded_batches"] == 0
     assert [d["contributed_images"] for d in report["devices"]] == [7] * 4

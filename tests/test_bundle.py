@@ -25,11 +25,11 @@ from nonn.runtime.bundle import (  # noqa: E402
     BUNDLE_FORMAT,
     Bundle,
     ModelEntry,
-    Preprocessing,
     StudentEntry,
     TensorSpec,
     verify_bundle,
 )
+from nonn.runtime.input_contract import InputContract  # noqa: E402
 
 INPUT_SHAPE = [1, 4, 4]
 
@@ -92,7 +92,7 @@ def make_bundle(root: Path, groups=((0, 1, 2), (3, 4)), classes=3) -> Bundle:
     bundle = Bundle(
         students=students,
         head=head,
-        preprocessing=Preprocessing(mean=[0.5], std=[0.25], input_shape=INPUT_SHAPE),
+        input_contract=InputContract(INPUT_SHAPE, [0.5], [0.25], normalize="explicit"),
         class_names=[f"c{i}" for i in range(classes)],
         root=root,
     )
@@ -142,8 +142,9 @@ def test_roundtrip_and_access(bundle_dir: Path) -> None:
         (lambda m: m["students"][1].update(group=[2, 3]), "also in student_0"),
         (lambda m: m["students"][1].update(feature_size=5), "group has 2 filters"),
         (lambda m: m["head"]["input"].update(shape=[-1, 4]), r"expected \[-1, 5\]"),
-        (lambda m: m["preprocessing"].update(mean=[0.1, 0.2]), "one value per channel"),
-        (lambda m: m["students"][0]["input"].update(shape=[-1, 3, 4, 4]), "does not match preprocessing"),
+        (lambda m: m["input_contract"].update(mean=[0.1, 0.2]), "one value per channel"),
+        (lambda m: m["input_contract"].update(datatype="UINT8"), r"student_0\): input datatype FP32, but the input contract says the students take UINT8"),
+        (lambda m: m["students"][0]["input"].update(shape=[-1, 3, 4, 4]), "does not match the input contract's"),
         (lambda m: m["students"][1].update(name="student_0"), "unique"),
     ],
 )
@@ -156,6 +157,15 @@ def test_schema_errors_name_the_field(bundle_dir: Path, mutate, message: str) ->
     assert "manifest.json" in str(exc.value)
     problems = verify_bundle(bundle_dir)
     assert len(problems) == 1 and "manifest.json" in problems[0]
+
+
+def test_a_manifest_from_before_the_input_contract_still_loads(bundle_dir: Path) -> None:
+    manifest = _manifest(bundle_dir)
+    contract = manifest.pop("input_contract")
+    manifest["preprocessing"] = {k: contract[k] for k in ("mean", "std", "input_shape", "layout", "pixel_scale")}
+    _write_manifest(bundle_dir, manifest)
+    loaded = Bundle.load(bundle_dir).input_contract
+    assert loaded.datatype == "FP32" and loaded.normalize == "dataset" and loaded.mean == (0.5,)
 
 
 def test_missing_or_corrupt_manifest(tmp_path: Path) -> None:

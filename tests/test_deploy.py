@@ -50,10 +50,7 @@ def fleet(tmp_path_factory):
 
 
 def _preprocessed(bundle: Bundle, images: np.ndarray) -> np.ndarray:
-    from nonn.runtime.preprocessing import preprocess_images
-
-    pre = bundle.preprocessing
-    return preprocess_images(images, pre.mean, pre.std, pre.input_shape, pre.pixel_scale)
+    return bundle.input_contract.prepare(images)
 
 
 def _deploy(*args: str) -> None:

@@ -84,7 +84,8 @@ def test_fp32_export_matches_pytorch_with_dynamic_batch(tmp_path: Path, data) ->
     train_briefly(ensemble, train_x, np.zeros(len(train_x), np.int64), m, steps=5)
     teacher = create_model("wrn-10-1", num_classes=CLASSES, in_channels=1, width=8)
     bundle = export_bundle(
-        ensemble, tmp_path / "b", dataset_meta=m, parity_images=test_x[:16], eval_data=(test_x, test_y), teacher=teacher
+        ensemble, tmp_path / "b", dataset_meta=m, parity_images=test_x[:16], eval_data=(test_x, test_y), teacher=teacher,
+        input_type="fp32",
     )
     assert verify_bundle(tmp_path / "b") == []
     loaded = Bundle.load(tmp_path / "b")
@@ -117,6 +118,35 @@ def test_fp32_export_matches_pytorch_with_dynamic_batch(tmp_path: Path, data) ->
 
 
 @pytest.mark.slow
+def test_raw_uint8_students_normalise_inside_the_graph(tmp_path: Path, data) -> None:
+    """The default bundle takes pixels as stored: uint8 in, the same logits as PyTorch on the
+    normalised images, for a quarter of the input bytes."""
+    (train_x, train_y), (test_x, test_y) = data
+    m = meta(train_x)
+    ensemble = train_briefly(make_ensemble(), train_x, train_y, m, steps=20)
+    pixels = np.rint(test_x * 255).astype(np.uint8)
+    bundle = export_bundle(ensemble, tmp_path / "b", dataset_meta=m, parity_images=pixels[:16], eval_data=(pixels, test_y))
+    assert verify_bundle(tmp_path / "b") == []
+    contract = bundle.input_contract
+    assert contract.datatype == "UINT8" and contract.mean == (m["mean"][0],) and contract.normalize == "dataset"
+    assert [s.input.datatype for s in bundle.students] == ["UINT8", "UINT8"]
+    assert 'data_type: TYPE_UINT8' in (tmp_path / "b" / "triton" / "student_0" / "config.pbtxt").read_text()
+    feats = [onnx_session(bundle.path_of(s)).run(None, {"image": pixels[:7]})[0] for s in bundle.students]
+    logits = onnx_session(bundle.path_of("head")).run(None, {"features": np.concatenate(feats, 1)})[0]
+    with torch.no_grad():
+        expected = ensemble(torch.from_numpy(((pixels[:7] / np.float32(255) - m["mean"][0]) / m["std"][0]).astype(np.float32))).numpy()
+    assert np.max(np.abs(logits - expected)) < PARITY_TOLERANCE
+    assert bundle.metrics["onnx_accuracy"] == bundle.metrics["torch_accuracy"]
+    # Float images in [0, 1] are accepted too (rounded to the pixels they came from).
+    again = export_bundle(ensemble, tmp_path / "c", dataset_meta=m, parity_images=pixels[:16] / np.float32(255))
+    assert again.students[0].parity_max_abs_diff < PARITY_TOLERANCE
+    q = export_bundle(ensemble, tmp_path / "q", dataset_meta=m, calibration_images=np.rint(train_x[:64] * 255).astype(np.uint8),
+                      quantize="int8", eval_data=(pixels, test_y))
+    assert q.quantization["int8_accuracy"] >= q.quantization["fp32_accuracy"] - 0.05
+    assert verify_bundle(tmp_path / "q") == []
+
+
+@pytest.mark.slow
 def test_failed_parity_writes_nothing_and_keeps_previous_bundle(tmp_path: Path, data) -> None:
     (train_x, _), (test_x, _) = data
     m = meta(train_x)
@@ -138,7 +168,7 @@ def test_bad_inputs_are_rejected(tmp_path: Path, data) -> None:
         export_bundle(make_ensemble(), tmp_path / "b", dataset_meta=m)
     with pytest.raises(ExportError, match="int8 needs calibration images"):
         export_bundle(make_ensemble(), tmp_path / "b", dataset_meta=m, parity_images=train_x[:4], quantize="int8")
-    with pytest.raises(ExportError, match=r"images must be \(N, 1, 8, 8\)"):
+    with pytest.raises(ExportError, match=r"parity images: images have shape \[4, 3, 8, 8\]; expected \(N, 1, 8, 8\)"):
         export_bundle(make_ensemble(), tmp_path / "b", dataset_meta=m, parity_images=np.zeros((4, 3, 8, 8), np.float32))
     with pytest.raises(ExportError, match="3 class names but the head has 4 outputs"):
         bad = build_ensemble([("cnn-small", {"width": 4})] * 2, GROUPS, 4, 1, (4, 4))

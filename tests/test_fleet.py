@@ -205,7 +205,6 @@ def test_fleet_in_network_namespaces_serves_and_cleans_up(tmp_path):
     from fleet_testing import ensemble_predictions, make_bundle, tiny_images, tiny_profile
     from nonn.devices.fleet import LocalFleet
     from nonn.runtime.aggregator import Aggregator
-    from nonn.runtime.preprocessing import preprocess_images
 
     _require_namespaces()
     # What a SIGKILLed owner leaves behind: a namespace and a link named after a dead process.
@@ -227,9 +226,8 @@ def test_fleet_in_network_namespaces_serves_and_cleans_up(tmp_path):
         assert [e.rsplit(":", 1)[0] for e in fleet.endpoints] == [network.server_host(0), network.server_host(1)]
         assert all(ipaddress.ip_address(network.server_host(i)) in netns.ADDRESS_RANGE for i in range(2))
         assert all(fleet.is_serving(i) for i in range(2))
-        pre = bundle.preprocessing
         with Aggregator(bundle, fleet.endpoints, deadline_s=5.0) as agg:
-            result = agg.infer_sync(preprocess_images(x, pre.mean, pre.std, pre.input_shape))
+            result = agg.infer_sync(bundle.input_contract.prepare(x))
         assert all(result.contributed)
         assert np.array_equal(result.logits.argmax(axis=1), ensemble_predictions(bundle, x))
         pids = fleet.pids()

@@ -167,3 +167,31 @@ def test_image_size_resizes_named_sets_too():
     data = load_dataset("digits", image_size=16)
     assert data.input_shape == (1, 16, 16) and data.train_x.max() <= 1.0
     assert data.augment.pad == 2
+
+
+def test_teacher_on_a_folder_resumes_exactly_with_workers(tmp_path, monkeypatch):
+    """Workers only decode; every random draw stays in the main process, so a run stopped after
+    its first checkpoint and resumed (with another number of workers) ends with the same weights."""
+    import nonn.students.teacher as teacher_module
+    from nonn.students.teacher import TeacherConfig, train_teacher
+
+    write_image_folder(tmp_path / "imgs", 30, 8, channels=1)
+    base = dict(dataset=str(tmp_path / "imgs"), arch="cnn-small", arch_kwargs={"width": 4}, epochs=2, batch_size=8,
+                lr=0.05, seed=1, device="cpu", progress=False, normalize="none", threads=1)
+    straight = train_teacher(TeacherConfig(**base, out=str(tmp_path / "a.pt"), workers=2))
+    assert straight["input_contract"]["normalize"] == "none"
+
+    real_save = teacher_module.save_checkpoint
+
+    def save_then_stop(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(teacher_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(TeacherConfig(**base, out=str(tmp_path / "b.pt"), workers=2))
+    monkeypatch.setattr(teacher_module, "save_checkpoint", real_save)
+    resumed = train_teacher(TeacherConfig(**base, out=str(tmp_path / "b.pt"), workers=0, resume=True))
+    assert resumed["epoch"] == 2
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key

@@ -21,7 +21,8 @@ from nonn.devices.planner import (
     simulation_estimates,
 )
 from nonn.devices.profiles import load_profiles, parse_device_list
-from nonn.runtime.bundle import Bundle, LayerSummary, ModelEntry, Preprocessing, StudentEntry, TeacherSummary, TensorSpec
+from nonn.runtime.bundle import Bundle, LayerSummary, ModelEntry, StudentEntry, TeacherSummary, TensorSpec
+from nonn.runtime.input_contract import InputContract
 
 SHAPE = [1, 28, 28]
 
@@ -60,7 +61,7 @@ def make_bundle(student_flops=(1e7, 1e7, 1e7, 1e7), student_bytes=(200_000,) * 4
         ],
         activation_bytes=2 * 64 * 28 * 28 * 4,
     )
-    return Bundle(students, head, Preprocessing([0.5], [0.25], SHAPE), [str(i) for i in range(10)], teacher=teacher)
+    return Bundle(students, head, InputContract(SHAPE, [0.5], [0.25], normalize="explicit"), [str(i) for i in range(10)], teacher=teacher)
 
 
 def test_builtin_profiles_have_sources_for_every_figure() -> None:

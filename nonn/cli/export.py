@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nonn.cli.common import non_negative_int, positive_int
+from nonn.cli.common import add_data_args, non_negative_int, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,8 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-images", type=positive_int, default=256, help="training images for int8 calibration (default: 256)")
     p.add_argument("--parity-images", type=positive_int, default=64, help="test images for the ONNX Runtime vs PyTorch parity check (default: 64)")
     p.add_argument("--eval-images", type=non_negative_int, default=2000, help="test images for the accuracy report (default: 2000; 0 skips it)")
-    p.add_argument("--dataset", default=None, help="data set for parity, calibration and accuracy (default: the one the students were trained on)")
-    p.add_argument("--data-dir", default=None, help="directory of the data set's files (default: its standard location)")
+    add_data_args(p, fallback="the one the students checkpoint records; its images are used for parity, calibration and accuracy")
+    p.add_argument("--input", dest="input_type", choices=("uint8", "fp32"), default="uint8",
+                   help="what the students take: uint8, raw pixels as stored (normalised inside each graph; a quarter "
+                        "of the bytes), or fp32, normalised floats (default: uint8)")
+    p.add_argument("--out-of-range", choices=("error", "warn"), default="error",
+                   help="clients given float pixels outside [0, 1]: refuse them, or warn and clip (default: error)")
     p.add_argument("--no-overwrite", action="store_true", help="fail if --out exists instead of replacing it")
     p.set_defaults(func=_export)
 
@@ -76,6 +80,9 @@ def _export(args: argparse.Namespace) -> int:
         opset=args.opset,
         dataset=args.dataset,
         data_dir=args.data_dir,
+        image_size=args.image_size,
+        input_type=args.input_type,
+        out_of_range=args.out_of_range,
         calibration_count=args.calibration_images,
         parity_count=args.parity_images,
         eval_count=args.eval_images,

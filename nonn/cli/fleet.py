@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nonn.cli import CLIError
-from nonn.cli.common import add_data_args, add_seed_arg, add_transport_arg, non_negative_float, non_negative_int, positive_float, positive_int
+from nonn.cli.common import (
+    add_data_args,
+    add_normalize_arg,
+    add_seed_arg,
+    add_transport_arg,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 SIMULATE_EPILOG = """\
 faults (--kill, repeatable):
@@ -63,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(a single profile name is used for every student); students are placed on them as `nonn plan` places them",
     )
     s.add_argument("--profiles", default=None, help="extra device profile file (nonn.devices/1 JSON) to add or override profiles")
-    add_data_args(s, default="digits")
+    add_data_args(s, fallback="the data set the bundle records")
     s.add_argument("--split", choices=("test", "train"), default="test", help="which split to stream (default: test)")
     run = s.add_argument_group("stream")
     run.add_argument("--requests", type=non_negative_int, default=1000,
@@ -101,6 +110,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     teacher.add_argument("--teacher", default=None, help="teacher checkpoint to compute those predictions (needs torch)")
     teacher.add_argument("--teacher-factory", default=None, help="bring-your-own teacher: package.module:function")
     teacher.add_argument("--weights", default=None, help="weights for --teacher-factory")
+    add_normalize_arg(teacher, "what the teacher checkpoint records, else the bundle's input contract")
     out = s.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="FILE", help="write the JSON report here")
     out.add_argument("--report", default=None, metavar="FILE", help="write the HTML report (with plots) here")
@@ -142,31 +152,38 @@ def load_teacher_predictions(path: str | Path, num_images: int) -> Any:
     return preds
 
 
-def run_teacher(teacher: str | None, images: Any, dataset: Any, factory: str | None = None, weights: str | None = None) -> Any:
-    """The teacher's classes for `images` (raw, in [0, 1]), normalised as the teacher was trained."""
+def run_teacher(
+    teacher: str | None, images: Any, dataset: Any, factory: str | None = None, weights: str | None = None,
+    normalize: Any = None, contract: Any = None, source: str = "the bundle",
+) -> Any:
+    """The teacher's classes for `images` (as stored), normalised as the teacher expects: as
+    `normalize` says, else as its checkpoint records, else as `contract` (the bundle's) says."""
     import numpy as np
     import torch
 
-    from nonn.runtime.preprocessing import preprocess_images
+    from nonn.students.normalization import Recorded, teacher_contract
     from nonn.students.teacher import load_teacher
 
     loaded = load_teacher(teacher, factory=factory, weights=weights)
-    meta = loaded.dataset or {}
-    x = preprocess_images(images, meta.get("mean", dataset.mean), meta.get("std", dataset.std), dataset.input_shape)
+    recorded = [Recorded(contract, source)] if contract is not None else []
+    wanted = teacher_contract(normalize, dataset, loaded, recorded)
     out = []
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     with torch.no_grad():
-        for start in range(0, x.shape[0], 256):
-            out.append(loaded.model(torch.from_numpy(x[start : start + 256])).argmax(dim=1).numpy())
+        for start in range(0, len(images), 256):
+            x = wanted.normalize_unit(wanted.to_unit(images[start : start + 256]))
+            out.append(loaded.model(torch.from_numpy(x)).argmax(dim=1).numpy())
     return np.concatenate(out)
 
 
 def run_simulation(
     bundle: str | Path,
     devices: str,
-    dataset: str,
+    dataset: str | None = None,
     *,
     data_dir: str | None = None,
+    image_size: Any = None,
+    normalize: Any = None,
     split: str = "test",
     config: Any = None,
     kills: Sequence[str] = (),
@@ -188,11 +205,13 @@ def run_simulation(
     """
     from dataclasses import replace
 
+    import numpy as np
+
     from nonn.devices.planner import place_replicas
     from nonn.devices.report import build_report, format_table, write_html, write_json
     from nonn.devices.simulate import SimulationConfig, parse_faults, parse_slowdowns, simulate
     from nonn.runtime.bundle import Bundle
-    from nonn.students.data import load_dataset
+    from nonn.students.data import resolve_data
 
     if teacher_predictions and (teacher or teacher_factory):
         raise CLIError("give either --teacher-predictions or --teacher/--teacher-factory, not both")
@@ -206,29 +225,33 @@ def run_simulation(
     # Student k's replicas on profiles[k*R] .. profiles[k*R + R-1], placed as `nonn plan` places them.
     profiles = [candidates[d] for copies in place_replicas(loaded, candidates, config.replicas) for d in copies]
     config = replace(config, faults=parse_faults(list(kills), len(profiles)), slowdowns=parse_slowdowns(list(slowdowns), len(profiles)))
-    data = load_dataset(dataset, data_dir)
-    images = data.test_x if split == "test" else data.train_x
-    labels = data.test_y if split == "test" else data.train_y
-    if list(data.input_shape) != list(loaded.preprocessing.input_shape):
+    data = resolve_data(dataset, data_dir, image_size, [(loaded.dataset, loaded.manifest_path)])
+    if list(data.input_shape) != list(loaded.input_contract.input_shape):
         raise CLIError(
-            f"--dataset {dataset}: images are {list(data.input_shape)}, the bundle's students take "
-            f"{list(loaded.preprocessing.input_shape)}"
+            f"data set {data.name}: images are {list(data.input_shape)}, the bundle's students take "
+            f"{list(loaded.input_contract.input_shape)} (resize with --image-size H[,W])"
         )
+    # An image folder is decoded here: only as many images as --requests asks for (the stream
+    # cycles over them when faults or --duration make it longer).
+    available = data.split_size(split)
+    wanted = available if data.in_memory or config.requests == 0 else min(available, config.requests * config.batch_size)
+    images, labels = data.read(split, np.arange(wanted)), data.labels(split)[:wanted]
     if teacher_predictions:
-        teacher_classes = load_teacher_predictions(teacher_predictions, len(images))
+        teacher_classes = load_teacher_predictions(teacher_predictions, available)[:wanted]
     elif teacher or teacher_factory:
-        teacher_classes = run_teacher(teacher, images, data, teacher_factory, weights)
+        teacher_classes = run_teacher(teacher, images, data, teacher_factory, weights, normalize,
+                                      loaded.input_contract, str(loaded.manifest_path))
     else:
         teacher_classes = None
     if echo:
         print(
             f"nonn simulate: {len(profiles)} devices ("
             + ", ".join(f"{loaded.students[d // config.replicas].name} on {p.name}" for d, p in enumerate(profiles))
-            + f"), {dataset} {split} split, {len(images)} images; starting the fleet...",
+            + f"), {data.name} {split} split, {len(images)} images; starting the fleet...",
             file=sys.stderr,
         )
     result = simulate(loaded.root, profiles, images, labels, teacher_classes, config, log_dir=log_dir)
-    report = build_report(result, dataset=dataset)
+    report = build_report(result, dataset=data.name)
     if echo:
         print(format_table(report))
     if json_path:
@@ -269,6 +292,8 @@ def _simulate(args: argparse.Namespace) -> int:
         args.devices,
         args.dataset,
         data_dir=args.data_dir,
+        image_size=args.image_size,
+        normalize=args.normalize,
         split=args.split,
         config=config,
         kills=args.kill,

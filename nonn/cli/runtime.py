@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from nonn.cli import CLIError
 from nonn.cli.common import add_transport_arg, non_negative_float, non_negative_int, positive_float, positive_int
@@ -87,10 +88,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "feature vectors and apply the bundle's head locally. A device that does not answer "
         "contributes zeros (unless --strict); the report says which devices contributed.",
     )
-    i.add_argument("--bundle", required=True, help="bundle directory from `nonn export` (head, preprocessing, students)")
-    i.add_argument("--input", required=True, help=".npy of images (N,C,H,W / N,H,W,C / N,H,W; uint8 or floats in [0,1]) or .npz with x (and y)")
+    i.add_argument("--bundle", required=True, help="bundle directory from `nonn export` (head, input contract, students)")
+    i.add_argument("--input", required=True,
+                   help=".npy of images (N,C,H,W / N,H,W,C / N,H,W; uint8 or floats in [0,1]), .npz with x (and y), or a "
+                        "folder of images (one subfolder per class, named as the bundle's classes, gives labels); images "
+                        "are prepared as the bundle's input contract says")
     i.add_argument("--labels", default=None, help=".npy of integer labels, to report accuracy")
-    i.add_argument("--preprocessed", action="store_true", help="the input is already normalised (skip the bundle's mean/std)")
+    i.add_argument("--preprocessed", action="store_true",
+                   help="the .npy/.npz input is already what the students take (normalised floats for a bundle exported "
+                        "with --input fp32), so the input contract is not applied")
     i.add_argument("--batch-size", type=positive_int, default=32, help="images per request (default: 32)")
     i.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_aggregator_args(i)
@@ -174,10 +180,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_images(path: str):
+def _load_images(path: str, class_names: list[str]):
+    """(images, labels): an array from .npy/.npz, or the list of files of an image folder."""
     import numpy as np
 
     file = Path(path)
+    if file.is_dir():
+        from nonn.students.image_folder import images_to_classify
+
+        return images_to_classify(file, class_names)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: input file not found")
     try:
@@ -198,25 +209,33 @@ def _infer(args: argparse.Namespace) -> int:
 
     from nonn.runtime.aggregator import AggregationError, Aggregator, DeviceMismatchError
     from nonn.runtime.bundle import Bundle
-    from nonn.runtime.preprocessing import preprocess_images
 
     if args.devices is None:
         raise CLIError("--devices host:port,... is required (one per student, in student order; R per student with --replicas R)")
     if args.batch_size > args.max_batch:
         raise CLIError(f"--batch-size must be in 1..{args.max_batch} (--max-batch), got {args.batch_size}")
     bundle = Bundle.load(args.bundle)
-    images, labels = _load_images(args.input)
+    contract = bundle.input_contract
+    images, labels = _load_images(args.input, bundle.class_names)
     if args.labels is not None:
         labels = np.load(args.labels, allow_pickle=False)
-    pre = bundle.preprocessing
-    if args.preprocessed:
-        x = np.ascontiguousarray(images, dtype=np.float32)
-    else:
-        x = preprocess_images(images, pre.mean, pre.std, pre.input_shape, pre.pixel_scale)
+    from_files = isinstance(images, list)
+    if from_files and args.preprocessed:
+        raise CLIError("--preprocessed is for .npy/.npz input; images read from files are prepared by the input contract")
+
+    def batch_of(start: int) -> Any:
+        """One request's images, as the students take them (a folder is decoded batch by batch)."""
+        chunk = images[start : start + args.batch_size]
+        if from_files:
+            from nonn.students.image_folder import read_images
+
+            chunk = read_images(chunk, contract.input_shape)
+        return np.ascontiguousarray(chunk) if args.preprocessed else contract.prepare(chunk)
+
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
-        if len(labels) != len(x):
-            raise ValueError(f"{len(labels)} labels for {len(x)} images")
+        if len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
 
     per_device = bundle.num_students * args.replicas
     predictions: list[int] = []
@@ -238,10 +257,10 @@ def _infer(args: argparse.Namespace) -> int:
         except DeviceMismatchError as exc:
             raise CLIError(f"a device serves another model than the bundle names: {exc}") from None
         started = time.monotonic()
-        starts = range(0, len(x), args.batch_size)
+        starts = range(0, len(images), args.batch_size)
         for start in tqdm(starts, desc="infer", unit="batch", disable=args.json or len(starts) < 2, file=sys.stderr):
             try:
-                result = aggregator.infer_sync(x[start : start + args.batch_size])
+                result = aggregator.infer_sync(batch_of(start))
             except AggregationError as exc:
                 raise CLIError(str(exc)) from None
             predictions.extend(int(p) for p in result.predictions)
