@@ -391,3 +391,17 @@ def test_coalescing_merges_queued_requests_and_keeps_answers_apart(bundle, devic
         assert 24 * 16 * 4 < total_sent < 24 * 16 * 4 + 200 * counted.servicer.calls  # 24 images in all
     finally:
         counted.stop(0)
+
+
+def test_a_batch_of_64_rgb_96x96_float_images_passes_grpcs_default_4_mb(tmp_path):
+    """64 x 3 x 96 x 96 float32 is 7 MB, over gRPC's default 4 MB message limit: servers and
+    channels size their limits from the bundle's input shape and the largest batch."""
+    from runtime_testing import device_servers, make_bundle
+
+    big = make_bundle(tmp_path / "big", feature_sizes=(2, 3), input_shape=(3, 96, 96), classes=4)
+    x = random_images(64, (3, 96, 96), seed=5)
+    assert x.nbytes > 4 << 20
+    with device_servers(big) as servers, Aggregator(big, [s.address for s in servers], deadline_s=30, max_batch=64) as agg:
+        result = agg.infer_sync(x)
+    assert result.contributed == [True, True]
+    np.testing.assert_allclose(result.logits, reference_logits(big, x), rtol=1e-4, atol=1e-3)
