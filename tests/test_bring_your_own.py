@@ -65,6 +65,7 @@ FACTORIES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factory", FACTORIES)
 def test_own_teacher_and_image_folder_to_a_simulated_fleet(images, factory, tmp_path, caplog, capsys):
     build = toy_resnet if factory == "toy_resnet" else torchvision_resnet18
