@@ -95,7 +95,8 @@ def test_nan_on_one_rank_stops_every_rank_with_a_clear_error(tmp_path):
         sys.executable, "-m", "nonn", "train-students", "--teacher-factory", f"{factory}:make", "--layer", "act",
         "--partition", str(partition), "--dataset", str(data), "--arch", "cnn-small:width=4", "--epochs", "2",
         "--batch-size", "16", "--beta", "10", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "s.pt"),
-        "--no-progress",
+        "--no-progress", "--normalize", "dataset",  # an untrained teacher: auto would refuse it as near chance
+        "--force",  # the partition names the factory file, not this teacher's weights
     ]
     base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     ranks = [
