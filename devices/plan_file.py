@@ -1,4 +1,4 @@
-"""The placement plan artifact: `plan.json` ("format": "nonn.plan/1") as typed dataclasses.
+"""The placement plan artifact: `plan.json` ("format": "nonn.plan/2") as typed dataclasses.
 
 `nonn plan` writes it and `nonn deploy` reads it. It says which device holds which student, in
 the student order that `serve --aggregate --devices` and `infer --devices` take, what each
@@ -6,14 +6,15 @@ device is estimated to need (the memory that deployment files turn into limits),
 estimated cost, and the bundle it was made for (the sha256 of its manifest.json), so that a plan
 is never applied to another bundle.
 
-    format           "nonn.plan/1"
+    format           "nonn.plan/2"
     bundle           manifest_sha256, path (as given to `nonn plan`), students (names, in order)
     placement[]      in student order: {student, devices: [device names]}; a list per student
                      so that a student can run on several devices
     devices[]        every device given to `nonn plan`, in that order: device (unique name),
                      profile, student (null: unused), threads, memory_mb (estimated need),
-                     available_mb, compute_ms, request_bytes, sent_bytes, transfer_ms, busy_ms,
-                     energy_mj
+                     available_mb, compute_ms, bytes_per_inference {request, features,
+                     between_devices, wire} (as nonn.runtime.traffic defines them), transfer_ms,
+                     busy_ms, energy_mj
     nonn, teacher, model_parallel    estimates per inference (the last two null without a
                      teacher summary in the bundle)
     aggregator, head_ms, assumptions
@@ -36,10 +37,14 @@ from typing import Any
 
 from nonn import __version__
 from nonn.artifacts import ArtifactError, atomic_write_json, read_json_artifact, sha256_file
+from nonn.runtime.traffic import FIELDS as BYTE_FIELDS
+from nonn.runtime.traffic import LABELS as BYTE_LABELS
+from nonn.runtime.traffic import UNIT as BYTE_UNIT
+from nonn.runtime.traffic import BytesPerInference
 
 __all__ = ["PLAN_FORMAT", "PlanError", "DevicePlan", "Estimate", "StudentPlacement", "BundleRef", "Plan", "load_plan"]
 
-PLAN_FORMAT = "nonn.plan/1"
+PLAN_FORMAT = "nonn.plan/2"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -57,8 +62,7 @@ class DevicePlan:
     memory_mb: float
     available_mb: float
     compute_ms: float
-    request_bytes: int  # image in
-    sent_bytes: int  # feature vector out: what the device sends per inference
+    bytes_per_inference: BytesPerInference  # the image in, the feature vector back
     transfer_ms: float
     busy_ms: float
     energy_mj: float
@@ -73,8 +77,7 @@ class Estimate:
     devices: int
     memory_per_device_mb: float  # the largest over devices, runtime included
     model_memory_per_device_mb: float  # the same without the runtime's own footprint
-    bytes_per_inference: int  # between devices / to the aggregator (not counting the input image)
-    wire_bytes_per_inference: int  # everything, input distribution included
+    bytes_per_inference: BytesPerInference  # request, features (logits for the teacher), between devices, wire
     latency_ms: float
     compute_ms: float
     energy_per_node_mj: float  # the largest over devices
@@ -163,8 +166,7 @@ class Plan:
             out[base.name] = {
                 "memory_per_device": ratio(base.memory_per_device_mb, self.nonn.memory_per_device_mb),
                 "model_memory_per_device": ratio(base.model_memory_per_device_mb, self.nonn.model_memory_per_device_mb),
-                "bytes_per_inference": ratio(base.bytes_per_inference, self.nonn.bytes_per_inference),
-                "wire_bytes_per_inference": ratio(base.wire_bytes_per_inference, self.nonn.wire_bytes_per_inference),
+                "wire_bytes_per_inference": ratio(base.bytes_per_inference.wire, self.nonn.bytes_per_inference.wire),
                 "latency": ratio(base.latency_ms, self.nonn.latency_ms),
                 "energy_per_node": ratio(base.energy_per_node_mj, self.nonn.energy_per_node_mj),
             }
@@ -178,8 +180,6 @@ class Plan:
             ("model memory per device", "MB", "model_memory_per_device_mb"),
             ("latency", "ms", "latency_ms"),
             ("energy per node", "mJ", "energy_per_node_mj"),
-            ("bytes per inference", "B", "bytes_per_inference"),
-            ("bytes on the wire per inference", "B", "wire_bytes_per_inference"),
         ):
             rows.append(
                 {
@@ -188,6 +188,17 @@ class Plan:
                     "nonn": getattr(self.nonn, attr),
                     "teacher": getattr(self.teacher, attr) if self.teacher else None,
                     "model_parallel": getattr(self.model_parallel, attr) if self.model_parallel else None,
+                }
+            )
+        for key in BYTE_FIELDS:
+            rows.append(
+                {
+                    "metric": BYTE_LABELS[key],
+                    "unit": BYTE_UNIT,
+                    **{
+                        name: None if est is None else getattr(est.bytes_per_inference, key)
+                        for name, est in (("nonn", self.nonn), ("teacher", self.teacher), ("model_parallel", self.model_parallel))
+                    },
                 }
             )
         return rows
@@ -319,6 +330,8 @@ def _read_value(obj: dict[str, Any], key: str, kind: Any, where: str, source: st
     value = obj[key]
     if value is None and optional:
         return None
+    if dataclasses.is_dataclass(base):
+        return _read(base, value, path, source)
     ok = {
         str: isinstance(value, str) and (empty_ok or bool(value)),
         bool: isinstance(value, bool),

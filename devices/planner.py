@@ -19,13 +19,15 @@ The cost model, all per single image (batch 1):
   (largest layer input + output, from the manifest). It must fit `memory_mb - reserved_mb`.
 - Compute time = FLOPs / sustained GFLOP/s of the profile (FLOPs as in the manifest: 2 per
   multiply-accumulate of convolutions and linear layers).
-- Bytes on the wire = the exact protobuf size of the KServe v2 ModelInfer request/response
-  (tritonclient's generated messages, raw tensor contents) + gRPC's 5-byte message prefix +
-  HTTP/2 frame headers (9 bytes per frame; one HEADERS frame per request, HEADERS + trailers
-  per response, HPACK_HEADER_BYTES each for their indexed header blocks) + TCP/IPv4 headers
-  (52 bytes per MSS-sized segment). Acknowledgements and Ethernet framing are not counted.
-- Transfer time = bytes x 8 / link bandwidth; each request/response exchange adds one
-  round-trip latency of the link.
+- Bytes per inference as `nonn.runtime.traffic` defines them (the one definition `simulate`
+  and `infer` measure too): request bytes sent and features sent back = the exact protobuf size
+  of the KServe v2 ModelInfer request/response (tritonclient's generated messages, raw tensor
+  contents); wire bytes add gRPC's 5-byte message prefix and HTTP/2 frame headers (9 bytes per
+  frame; one HEADERS frame per request, HEADERS + trailers per response, HPACK_HEADER_BYTES
+  each for their indexed header blocks).
+- Transfer time = (wire bytes + TCP/IPv4 headers, 52 bytes per MSS-sized segment) x 8 / link
+  bandwidth; each request/response exchange adds one round-trip latency of the link.
+  Acknowledgements and Ethernet framing are not counted.
 - NoNN latency = round trip + all K requests (the image) through the aggregator's link +
   the slowest device's (compute + response transfer) + the head on the aggregator.
 - Energy of a node = active power x its busy time (compute + its own transfers) + idle power
@@ -48,6 +50,19 @@ from typing import Any, Mapping, Sequence
 from nonn.devices.plan_file import BundleRef, DevicePlan, Estimate, Plan, PlanError, StudentPlacement
 from nonn.devices.profiles import DeviceProfile, load_profiles
 from nonn.runtime.bundle import Bundle, TeacherSummary
+from nonn.runtime.traffic import (
+    DEVICE_FIELDS,
+    FIELDS,
+    HPACK_HEADER_BYTES,
+    TCP_IP_HEADER_BYTES,
+    TCP_MSS,
+    BytesPerInference,
+    column,
+    describe,
+    link_bytes,
+    message_bytes,
+    wire_bytes,
+)
 
 __all__ = [
     "RUNTIME_FOOTPRINT_MB",
@@ -58,7 +73,7 @@ __all__ = [
     "place",
     "plan",
     "model_memory_mb",
-    "infer_wire_bytes",
+    "exchange_bytes",
     "format_plan",
     "format_device_order",
     "simulation_estimates",
@@ -68,49 +83,17 @@ __all__ = [
 # on x86-64 Linux (Python 3.11, onnxruntime 1.32, grpcio): 81.6 MB. ARM builds are similar.
 RUNTIME_FOOTPRINT_MB = 82.0
 FLOAT_BYTES = 4
-GRPC_PREFIX_BYTES = 5
-HTTP2_FRAME_HEADER_BYTES = 9
-HTTP2_MAX_FRAME = 16384
-HPACK_HEADER_BYTES = 20  # an indexed header block on a warm connection (assumption)
-TCP_IP_HEADER_BYTES = 52  # IPv4 20 + TCP 20 + timestamp option 12
-TCP_MSS = 1448
 MB = 1024 * 1024
 
 
 # --------------------------------------------------------------------------- cost model
 
 
-def _wire(message_bytes: int, response: bool) -> int:
-    """Bytes on the wire for one gRPC message of `message_bytes` serialised protobuf."""
-    body = message_bytes + GRPC_PREFIX_BYTES
-    header_frames = 2 if response else 1
-    data_frames = max(1, math.ceil(body / HTTP2_MAX_FRAME))
-    http2 = body + HTTP2_FRAME_HEADER_BYTES * (data_frames + header_frames) + HPACK_HEADER_BYTES * header_frames
-    return http2 + TCP_IP_HEADER_BYTES * math.ceil(http2 / TCP_MSS)
-
-
-def infer_wire_bytes(model: str, tensor: str, shape: Sequence[int], datatype: str = "FP32", response: bool = False) -> int:
-    """Wire bytes of one KServe v2 ModelInfer request (or response) carrying one raw tensor."""
-    from nonn.runtime.protocol import pb
-
-    elements = 1
-    for d in shape:
-        elements *= int(d)
-    raw = bytes(elements * (FLOAT_BYTES if datatype == "FP32" else 8 if datatype in ("INT64", "FP64") else 1))
-    if response:
-        msg = pb.ModelInferResponse(model_name=model, model_version="1", id="0" * 16)
-        out = msg.outputs.add()
-        out.name, out.datatype = tensor, datatype
-        out.shape.extend(int(d) for d in shape)
-        msg.raw_output_contents.append(raw)
-    else:
-        msg = pb.ModelInferRequest(model_name=model, id="0" * 16)
-        inp = msg.inputs.add()
-        inp.name, inp.datatype = tensor, datatype
-        inp.shape.extend(int(d) for d in shape)
-        msg.outputs.add().name = "output"
-        msg.raw_input_contents.append(raw)
-    return _wire(msg.ByteSize(), response)
+def exchange_bytes(model: str, tensor: str, shape: Sequence[int], datatype: str = "FP32", response: bool = False,
+                   output: str = "output") -> tuple[int, int]:  # fmt: skip
+    """(message bytes, wire bytes) of one ModelInfer request (or reply) carrying one raw tensor."""
+    message = message_bytes(model, tensor, shape, datatype, response, output)
+    return message, wire_bytes(message, response)
 
 
 def _batch1(shape: Sequence[int]) -> list[int]:
@@ -122,8 +105,10 @@ def model_memory_mb(weight_bytes: float, activation_bytes: float, runtime_mb: fl
     return runtime_mb + (2 * weight_bytes + activation_bytes) / MB
 
 
-def _transfer_s(nbytes: float, profile: DeviceProfile) -> float:
-    return nbytes * 8 / (profile.link.bandwidth_mbps * 1e6)
+def _transfer_s(wire: Sequence[float] | float, profile: DeviceProfile) -> float:
+    """Seconds to send messages of `wire` bytes each (their TCP/IP headers added) over the profile's link."""
+    messages = [wire] if isinstance(wire, (int, float)) else wire
+    return sum(link_bytes(w) for w in messages) * 8 / (profile.link.bandwidth_mbps * 1e6)
 
 
 def _compute_s(flops: float, profile: DeviceProfile) -> float:
@@ -210,10 +195,10 @@ def _assign(
 
 def _teacher_estimate(teacher: TeacherSummary, profile: DeviceProfile, name: str, runtime_mb: float, num_classes: int, input_shape: list[int]) -> Estimate:
     memory = model_memory_mb(teacher.params * FLOAT_BYTES, teacher.activation_bytes, runtime_mb)
-    request = infer_wire_bytes("teacher", "image", [1, *input_shape])
-    response = infer_wire_bytes("teacher", "logits", [1, num_classes], response=True)
+    request, request_wire = exchange_bytes("teacher", "image", [1, *input_shape], output="logits")
+    response, response_wire = exchange_bytes("teacher", "logits", [1, num_classes], response=True)
     compute = _compute_s(teacher.flops, profile)
-    transfer = _transfer_s(request + response, profile)
+    transfer = _transfer_s(request_wire, profile) + _transfer_s(response_wire, profile)
     latency = profile.link.latency_ms / 1000 + transfer + compute
     energy = profile.power_w.active * (compute + transfer) + profile.power_w.idle * (latency - compute - transfer)
     fits = memory <= profile.available_mb
@@ -222,13 +207,13 @@ def _teacher_estimate(teacher: TeacherSummary, profile: DeviceProfile, name: str
         devices=1,
         memory_per_device_mb=memory,
         model_memory_per_device_mb=memory - runtime_mb,
-        bytes_per_inference=response,
-        wire_bytes_per_inference=request + response,
+        bytes_per_inference=BytesPerInference(request=request, features=response, wire=request_wire + response_wire),
         latency_ms=latency * 1000,
         compute_ms=compute * 1000,
         energy_per_node_mj=energy * 1000,
         fits=fits,
-        note=f"on one {name}" + ("" if fits else f" (does not fit: needs {memory:.0f} MB of {profile.available_mb:.0f} MB)"),
+        note=f"on one {name}; its bytes are the image sent to it and the logits it sends back (it has no features)"
+        + ("" if fits else f" (does not fit: needs {memory:.0f} MB of {profile.available_mb:.0f} MB)"),
     )
 
 
@@ -248,18 +233,22 @@ def _model_parallel_estimate(
     for dim in input_shape:
         input_elements *= dim
 
-    sent = [0] * D  # bytes each device puts on the wire
+    sent: list[list[int]] = [[] for _ in range(D)]  # wire bytes of the messages each device sends
     phases = 0  # scatter/gather phases, each costing half a round trip
-    owner_bytes = 0  # all traffic passes the owner's link
+    owner_wire: list[int] = []  # all traffic passes the owner's link
+    between = 0  # message bytes the devices send each other
+    between_wire = 0
 
     def exchange(elements: int, scatter: bool) -> None:
-        nonlocal phases, owner_bytes
+        nonlocal phases, owner_wire, between, between_wire
         phases += 1
         for d in others:
             band = max(1, round(elements * share[d]))
-            nbytes = infer_wire_bytes("layer", "band", [1, band], response=not scatter)
-            sent[owner if scatter else d] += nbytes
-            owner_bytes += nbytes
+            message, wire = exchange_bytes("layer", "band", [1, band], response=not scatter)
+            sent[owner if scatter else d].append(wire)
+            owner_wire.append(wire)
+            between += message
+            between_wire += wire
 
     compute_s = 0.0
     busy_compute = [0.0] * D
@@ -280,11 +269,10 @@ def _model_parallel_estimate(
             busy_compute[owner] += layer_s
         previous_elements = layer.output_elements
 
-    request = infer_wire_bytes("teacher", "image", [1, *input_shape])
-    response = infer_wire_bytes("teacher", "logits", [1, num_classes], response=True)
-    inter_device = sum(sent)
+    request, request_wire = exchange_bytes("teacher", "image", [1, *input_shape], output="logits")
+    response, response_wire = exchange_bytes("teacher", "logits", [1, num_classes], response=True)
     owner_link = devices[owner]
-    comm_s = _transfer_s(owner_bytes + request + response, owner_link) + phases * owner_link.link.latency_ms / 2000
+    comm_s = _transfer_s([*owner_wire, request_wire, response_wire], owner_link) + phases * owner_link.link.latency_ms / 2000
     latency_s = owner_link.link.latency_ms / 1000 + comm_s + compute_s
     conv_params = sum(l.params for l, c in zip(layers, is_conv) if c)
     fc_params = sum(l.params for l, c in zip(layers, is_conv) if not c)
@@ -294,7 +282,7 @@ def _model_parallel_estimate(
     ]
     energy = []
     for d in range(D):
-        busy = busy_compute[d] + _transfer_s(sent[d] + (request + response if d == owner else 0), devices[d])
+        busy = busy_compute[d] + _transfer_s(sent[d] + ([request_wire, response_wire] if d == owner else []), devices[d])
         busy = min(busy, latency_s)
         energy.append(devices[d].power_w.active * busy + devices[d].power_w.idle * (latency_s - busy))
     fits = all(m <= p.available_mb for m, p in zip(memory, devices))
@@ -303,13 +291,15 @@ def _model_parallel_estimate(
         devices=D,
         memory_per_device_mb=max(memory),
         model_memory_per_device_mb=max(memory) - runtime_mb,
-        bytes_per_inference=inter_device,
-        wire_bytes_per_inference=inter_device + request + response,
+        bytes_per_inference=BytesPerInference(
+            request=request, features=response, between_devices=between, wire=between_wire + request_wire + response_wire
+        ),
         latency_ms=latency_s * 1000,
         compute_ms=compute_s * 1000,
         energy_per_node_mj=max(energy) * 1000,
         fits=fits,
-        note=f"MoDNN-style spatial split of {sum(is_conv)} conv layers over {D} devices, {phases} scatter/gather phases",
+        note=f"MoDNN-style spatial split of {sum(is_conv)} conv layers over {D} devices, {phases} scatter/gather phases; "
+        "its bytes are the image in, the logits back and the layer bands between devices",
     )
 
 
@@ -331,8 +321,10 @@ class _StudentCosts:
     """Per student (and per student x device) figures the placement and the estimates share."""
 
     memory: list[float]  # MB on any device
-    request: list[int]  # wire bytes of the image sent to it
-    response: list[int]  # wire bytes of its features sent back
+    request: list[int]  # message bytes of the image sent to it
+    response: list[int]  # message bytes of its features sent back
+    request_wire: list[int]  # their wire bytes
+    response_wire: list[int]
     compute: list[list[float]]  # seconds, [student][device]
     transfer: list[list[float]]
     times: list[list[float]]  # compute + transfer
@@ -340,18 +332,24 @@ class _StudentCosts:
 
 def _student_costs(bundle: Bundle, devices: Sequence[DeviceProfile], runtime_mb: float) -> _StudentCosts:
     students = bundle.students
-    request = [infer_wire_bytes(s.name, s.input.name, _batch1(s.input.shape), s.input.datatype) for s in students]
-    response = [infer_wire_bytes(s.name, s.output.name, _batch1(s.output.shape), s.output.datatype, response=True) for s in students]
+    sent = [exchange_bytes(s.name, s.input.name, _batch1(s.input.shape), s.input.datatype, output=s.output.name) for s in students]
+    back = [exchange_bytes(s.name, s.output.name, _batch1(s.output.shape), s.output.datatype, response=True) for s in students]
     compute = [[_compute_s(s.flops, p) for p in devices] for s in students]
-    transfer = [[_transfer_s(request[k] + response[k], p) for p in devices] for k in range(len(students))]
+    transfer = [[_transfer_s([sent[k][1], back[k][1]], p) for p in devices] for k in range(len(students))]
     return _StudentCosts(
         memory=[model_memory_mb(s.size_bytes, s.activation_bytes, runtime_mb) for s in students],
-        request=request,
-        response=response,
+        request=[m for m, _ in sent],
+        response=[m for m, _ in back],
+        request_wire=[w for _, w in sent],
+        response_wire=[w for _, w in back],
         compute=compute,
         transfer=transfer,
         times=[[compute[k][d] + transfer[k][d] for d in range(len(devices))] for k in range(len(students))],
     )
+
+
+def _student_bytes(costs: _StudentCosts, k: int) -> BytesPerInference:
+    return BytesPerInference(request=costs.request[k], features=costs.response[k], wire=costs.request_wire[k] + costs.response_wire[k])
 
 
 def place(bundle: Bundle | str | Path, devices: Sequence[Any], *, runtime_mb: float = RUNTIME_FOOTPRINT_MB) -> list[int]:
@@ -448,8 +446,8 @@ def plan(
     agg = aggregator or devices[0]
     head_s = _compute_s(bundle.head.flops, agg)
     rtt = max(devices[d].link.latency_ms for d in placed) / 1000
-    fan_out_s = _transfer_s(sum(request), agg) + _transfer_s(sum(response), agg)
-    slowest = max(compute[k][placed[k]] + _transfer_s(response[k], devices[placed[k]]) for k in range(len(students)))
+    fan_out_s = _transfer_s(costs.request_wire + costs.response_wire, agg)
+    slowest = max(compute[k][placed[k]] + _transfer_s(costs.response_wire[k], devices[placed[k]]) for k in range(len(students)))
     latency = rtt + fan_out_s + slowest + head_s
 
     rows: list[DevicePlan] = []
@@ -458,7 +456,8 @@ def plan(
         k = by_device.get(d)
         if k is None:
             rows.append(
-                DevicePlan(names[d], profile.name, None, 0.0, profile.available_mb, 0.0, 0, 0, 0.0, 0.0, profile.power_w.idle * latency * 1000, profile.threads)
+                DevicePlan(names[d], profile.name, None, 0.0, profile.available_mb, 0.0, BytesPerInference(0, 0, 0), 0.0, 0.0,
+                           profile.power_w.idle * latency * 1000, profile.threads)
             )
             continue
         busy = min(times[k][d], latency)
@@ -471,8 +470,7 @@ def plan(
                 memory_mb=memory[k],
                 available_mb=profile.available_mb,
                 compute_ms=compute[k][d] * 1000,
-                request_bytes=request[k],
-                sent_bytes=response[k],
+                bytes_per_inference=_student_bytes(costs, k),
                 transfer_ms=transfer[k][d] * 1000,
                 busy_ms=times[k][d] * 1000,
                 energy_mj=energy * 1000,
@@ -485,8 +483,7 @@ def plan(
         devices=len(students) * replicas,
         memory_per_device_mb=max(r.memory_mb for r in used),
         model_memory_per_device_mb=max(r.memory_mb for r in used) - runtime_mb,
-        bytes_per_inference=sum(response),
-        wire_bytes_per_inference=sum(request) + sum(response),
+        bytes_per_inference=BytesPerInference.total(_student_bytes(costs, k) for k in range(len(students))),
         latency_ms=latency * 1000,
         compute_ms=max(r.compute_ms for r in used),
         energy_per_node_mj=max(r.energy_mj for r in used),
@@ -515,9 +512,10 @@ def plan(
             "runtime_footprint_mb": runtime_mb,
             "memory_model": "runtime + 2 x model bytes + largest layer input+output (batch 1)",
             "compute_model": "FLOPs / sustained GFLOP/s of the profile",
-            "wire_model": (
-                "KServe v2 ModelInfer protobuf (exact) + 5 B gRPC prefix + 9 B per HTTP/2 frame + "
-                f"{HPACK_HEADER_BYTES} B per header block + {TCP_IP_HEADER_BYTES} B TCP/IPv4 per {TCP_MSS} B segment"
+            "bytes_model": (
+                "request bytes sent, features sent back: KServe v2 ModelInfer protobuf (exact, batch 1); wire bytes: "
+                f"+ 5 B gRPC prefix + 9 B per HTTP/2 frame + {HPACK_HEADER_BYTES} B per header block; transfer time "
+                f"adds {TCP_IP_HEADER_BYTES} B TCP/IPv4 per {TCP_MSS} B segment"
             ),
             "energy_model": "active W x busy time + idle W x rest of the inference",
             "model_parallel": "MoDNN-style spatial split of every conv layer, linear layers on the owner, halos ignored",
@@ -554,17 +552,18 @@ def format_plan(p: Plan) -> str:
             _num(r.memory_mb),
             _num(r.available_mb, ".0f"),
             _num(r.compute_ms, ".2f"),
-            str(r.sent_bytes),
+            *(_num(getattr(r.bytes_per_inference, f), ".0f") for f in DEVICE_FIELDS),
             _num(r.energy_mj, ".2f"),
         ]
         for r in p.devices
     ]
+    byte_columns = [column(f) for f in DEVICE_FIELDS]
     parts = [
-        _table(["device", "student", "memory MB", "avail MB", "compute ms", "sent B/inf", "energy mJ"], device_rows),
+        _table(["device", "student", "memory MB", "avail MB", "compute ms", *byte_columns, "energy mJ"], device_rows),
         format_device_order(p),
         *_replication_lines(p),
         f"fleet latency {p.nonn.latency_ms:.2f} ms per image (head {p.head_ms:.2g} ms on {p.aggregator}); "
-        f"devices send {p.nonn.bytes_per_inference} B per inference, {p.nonn.wire_bytes_per_inference} B on the wire with the input images",
+        f"all devices: {describe(p.nonn.bytes_per_inference)}",
     ]
     baselines = [b for b in (p.teacher, p.model_parallel) if b is not None]
     if not baselines:
@@ -576,8 +575,6 @@ def format_plan(p: Plan) -> str:
     for label, attr, key, spec in (
         ("memory per device (MB)", "memory_per_device_mb", "memory_per_device", ".1f"),
         ("  without runtime (MB)", "model_memory_per_device_mb", "model_memory_per_device", ".2f"),
-        ("bytes per inference (B)", "bytes_per_inference", "bytes_per_inference", "d"),
-        ("  incl. input images (B)", "wire_bytes_per_inference", "wire_bytes_per_inference", "d"),
         ("latency (ms)", "latency_ms", "latency", ".2f"),
         ("energy per node (mJ)", "energy_per_node_mj", "energy_per_node", ".2f"),
     ):
@@ -585,6 +582,10 @@ def format_plan(p: Plan) -> str:
         row += [_num(getattr(b, attr), spec) for b in baselines]
         row += [_num(ratios[b.name][key], ".2f") + "x" if ratios[b.name][key] is not None else "-" for b in baselines]
         rows.append(row)
+    for f in FIELDS:
+        values = [getattr(e.bytes_per_inference, f) for e in (p.nonn, *baselines)]
+        ratio = [None if values[0] in (None, 0) or v is None else v / values[0] for v in values[1:]]
+        rows.append([column(f), *(_num(v, ".0f") for v in values), *("-" if r is None else f"{r:.2f}x" for r in ratio)])
     parts.append(_table(headers, rows))
     for b in baselines:
         parts.append(f"{b.name.replace('_', '-')}: {b.note}" + ("" if b.fits else "  [does not fit]"))
@@ -598,7 +599,8 @@ def _replication_lines(p: Plan) -> list[str]:
         return []
     return [
         f"replication: {replicas} devices per student, {p.nonn.devices} devices instead of {len(p.placement)}; "
-        f"the same {p.nonn.bytes_per_inference} B per inference (up to about 5% more when slow replicas are hedged); "
+        f"the same bytes per inference as one copy ({describe(p.nonn.bytes_per_inference)}; up to about 5% more when "
+        "slow replicas are hedged); "
         f"buys: answers at full accuracy with {replicas - 1} device(s) of every student lost (measure accuracy under "
         "loss and p99 with `nonn simulate --replicas ... --kill/--slow`)"
     ]

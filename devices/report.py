@@ -5,15 +5,13 @@ with the teacher), lost and degraded requests, latency percentiles and histogram
 bytes per inference and peak RSS per device against its memory limit, the network emulation
 that ran, the fault timeline (accuracy over time), and the estimated cost on the real devices
 side by side with the teacher on one device of the same profile (from `nonn.devices.planner`).
-`format_table(report)` prints it; `write_html(report, path)` embeds the plots as base64 PNGs
-(matplotlib, imported only there).
+`format_table(report)` prints it; `write_html(report, path)` writes the HTML page of
+`nonn.devices.report_html` (plots from `nonn.devices.report_plots`, matplotlib imported only there).
+Bytes per inference are those of `nonn.runtime.traffic`, as `plan` and `infer` report them.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -27,6 +25,7 @@ from nonn.devices.report_format import pct as _pct
 from nonn.devices.report_format import percentiles as _percentiles
 from nonn.devices.report_format import round_ as _round
 from nonn.devices.report_format import rows_table as _rows_table
+from nonn.runtime.traffic import DEVICE_FIELDS, LABELS, BytesPerInference, column
 
 if TYPE_CHECKING:
     from nonn.devices.simulate import SimulationResult
@@ -87,6 +86,42 @@ def _timeline(result: "SimulationResult", correct: np.ndarray, agree: np.ndarray
     return {"bin_s": round(width, 4), "bins": bins, "events": list(result.events), "outages": windows}
 
 
+def _faults_cut_short(result: "SimulationResult") -> list[str]:
+    """A warning per fault (kill, restart, slowdown) that the stream ended before it played out."""
+    played = {(e["device"], e.get("fault"), e["event"]) for e in result.events}
+    served = {e["device"] for e in result.events if e["event"] == "serving"}
+    hint = "send more --requests, or --until-faults-end to stream until every fault has played out"
+    out = []
+    for f in result.config.faults:
+        if (f.device, str(f), "killed") not in played:
+            out.append(f"fault {f} did not happen: the stream of {result.num_requests} requests ended at {result.wall_s:.2f} s; {hint}")
+        elif f.restart_after_s is not None and f.device not in served:
+            out.append(f"fault {f}: device {f.device} was not serving again when the stream ended at {result.wall_s:.2f} s; {hint}")
+    for slow in result.config.slowdowns:
+        if (slow.device, str(slow), "slowed") not in played:
+            out.append(f"slowdown {slow} did not happen: the stream ended at {result.wall_s:.2f} s; {hint}")
+    return out
+
+
+def _latency(latency_s: np.ndarray, degraded: np.ndarray) -> dict[str, Any]:
+    """Percentiles and histogram of all answers, the histogram's degraded share on the same bins,
+    and p50 / p99 of full and of degraded answers apart."""
+    out = _percentiles(latency_s)
+    hist = out["histogram"]
+    ms = latency_s * 1000.0
+    finite = np.isfinite(ms)
+    if hist["edges_ms"]:
+        counts, _ = np.histogram(ms[finite & degraded], bins=np.asarray(hist["edges_ms"]))
+        hist["degraded_counts"] = counts.astype(int).tolist()
+    else:
+        hist["degraded_counts"] = []
+    out["by_answer"] = {}
+    for name, mask in (("full", finite & ~degraded), ("degraded", finite & degraded)):
+        p = _percentiles(latency_s[mask])
+        out["by_answer"][name] = {"answers": int(mask.sum()), "p50": p["p50"], "p99": p["p99"]}
+    return out
+
+
 def _profile_dict(p: Any) -> dict[str, Any]:
     if isinstance(p, dict):
         return dict(p)
@@ -138,7 +173,6 @@ def build_report(result: "SimulationResult", *, dataset: str | None = None) -> d
         m = mask & answered
         return _round(_fraction(correct[m].sum(), int(m.sum()) * B))
 
-    images_answered = max(n_answered_img, 1)
     devices = []
     for k, d in enumerate(result.devices):
         sent = int(result.bytes_sent[answered, k].sum()) if R else 0
@@ -149,14 +183,11 @@ def build_report(result: "SimulationResult", *, dataset: str | None = None) -> d
             "peak_rss_mb": d["peak_rss_mb"],
             "memory_limit_mb": d["memory_limit_mb"],
             "over_memory": bool(d["over_memory"]),
-            "bytes_per_inference": _round((sent + received) / images_answered, 1),
-            "bytes_sent_per_inference": _round(sent / images_answered, 1),
-            "bytes_received_per_inference": _round(received / images_answered, 1),
+            "bytes_per_inference": BytesPerInference.measured(
+                sent, received, n_answered_img, None if not link else link["bytes_up"] + link["bytes_down"]
+            ).to_dict(),
             "contributed": _round(_fraction(result.device_answered(k)[answered].sum(), int(answered.sum()))),
             "skipped": int(result.skipped[:, k].sum()) if result.skipped is not None and R else 0,
-            "wire_bytes_per_inference": None
-            if not link
-            else _round((link["bytes_up"] + link["bytes_down"]) / max(R * B, 1), 1),
             "events": d.get("events", []),
         }
         devices.append(dev)
@@ -168,12 +199,7 @@ def build_report(result: "SimulationResult", *, dataset: str | None = None) -> d
                 f"device {dev['index']} ({dev['profile']}): peak RSS {dev['peak_rss_mb']:.1f} MB exceeds its "
                 f"{dev['memory_limit_mb']:.0f} MB memory"
             )
-    fired = {(e["device"], e.get("fault")) for e in result.events if e["event"] == "killed"}
-    for f in result.config.faults:
-        if (f.device, str(f)) not in fired:
-            warnings.append(
-                f"fault {f} did not happen: the stream ended at {result.wall_s:.2f} s"
-            )
+    warnings += _faults_cut_short(result)
     lost = int(R - answered.sum())
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
@@ -193,7 +219,7 @@ def build_report(result: "SimulationResult", *, dataset: str | None = None) -> d
         "accuracy_during_outage": acc(in_outage) if windows else None,
         "teacher_agreement": None if agree is None else _round(_fraction(agree[answered].sum(), n_answered_img)),
         "teacher_accuracy": None if teacher_correct is None else _round(_fraction(teacher_correct[answered].sum(), n_answered_img)),
-        "latency_ms": _percentiles(result.latency_s),
+        "latency_ms": _latency(result.latency_s, degraded),
         "throughput": {
             "requests_per_s": _round(_fraction(int(answered.sum()), result.wall_s), 2),
             "images_per_s": _round(_fraction(n_answered_img, result.wall_s), 2),
@@ -201,7 +227,7 @@ def build_report(result: "SimulationResult", *, dataset: str | None = None) -> d
         "wall_s": _round(result.wall_s, 3),
         "startup_s": _round(result.startup_s, 3),
         "devices": devices,
-        "bytes_per_inference": _round(sum(d["bytes_per_inference"] or 0 for d in devices), 1),
+        "bytes_per_inference": BytesPerInference.total(BytesPerInference.from_dict(d["bytes_per_inference"]) for d in devices).to_dict(),
         "faults": [str(f) for f in result.config.faults],
         "timeline": _timeline(result, correct, agree, windows),
         "replicas": result.replicas,
@@ -224,7 +250,7 @@ def write_json(report: dict[str, Any], path: str | Path) -> Path:
 # --------------------------------------------------------------------------- terminal
 
 
-def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     lat = report["latency_ms"]
     net = report["network_emulation"]
     rows = [
@@ -241,7 +267,7 @@ def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows += [
         ("latency p50 / p95 / p99", f"{_fmt(lat['p50'], '.2f')} / {_fmt(lat['p95'], '.2f')} / {_fmt(lat['p99'], '.2f')} ms"),
         ("throughput", f"{_fmt(report['throughput']['requests_per_s'], '.1f')} req/s"),
-        ("bytes per inference (all devices)", _fmt(report["bytes_per_inference"], ".0f", " B")),
+        *((f"{LABELS[f]} per inference, all devices", _fmt(report["bytes_per_inference"][f], ".0f", " B")) for f in DEVICE_FIELDS),
         ("network emulation", f"{net['mode']} ({net['reason']})" if net.get("reason") else net["mode"]),
         ("stream wall time", _fmt(report["wall_s"], ".2f", " s")),
     ]
@@ -250,7 +276,7 @@ def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text summary: the headline numbers, one row per device, the teacher comparison."""
-    rows = _summary_rows(report)
+    rows = summary_rows(report)
     width = max(len(k) for k, _ in rows)
     parts = ["\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)]
     dev_rows = [
@@ -260,20 +286,22 @@ def format_table(report: dict[str, Any]) -> str:
             _fmt(d["peak_rss_mb"], ".1f"),
             _fmt(d["memory_limit_mb"], ".0f"),
             "OVER" if d["over_memory"] else "ok",
-            _fmt(d["bytes_per_inference"], ".0f"),
+            *(_fmt(d["bytes_per_inference"][f], ".0f") for f in DEVICE_FIELDS),
             _pct(d["contributed"]),
             str(d.get("skipped", 0)),
             str(d["starts"]),
         )
         for d in report["devices"]
     ]
-    parts.append(_rows_table(["device", "profile", "peak RSS MB", "limit MB", "memory", "bytes/inf", "contributed", "skipped", "starts"], dev_rows))
+    parts.append(_rows_table(["device", "profile", "peak RSS MB", "limit MB", "memory", *(column(f) for f in DEVICE_FIELDS),
+                              "contributed", "skipped", "starts"], dev_rows))
     est = report.get("estimates")
     if est and est.get("comparison"):
-        comp_rows = [(r["metric"], r["nonn"], r["teacher"], r["ratio"], r["model_parallel"]) for r in _comparison_rows(est)]
+        comp_rows = [(r["metric"], r["nonn"], r["teacher"], r["ratio"], r["model_parallel"]) for r in comparison_rows(est)]
         parts.append(
             "estimated on the real devices (planner model):\n"
             + _rows_table(["", "NoNN fleet", "teacher, one device", "teacher / NoNN", "layer-wise split"], comp_rows)
+            + "".join(f"\n{line}" for line in baseline_notes(est))
         )
     parts += fault_tables(report)
     for w in report.get("warnings", []):
@@ -281,7 +309,13 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def _comparison_rows(est: dict[str, Any]) -> list[dict[str, str]]:
+def baseline_notes(est: dict[str, Any]) -> list[str]:
+    """What each baseline column is, its bytes included (the planner's notes)."""
+    names = {"teacher": "teacher, one device", "model_parallel": "layer-wise split"}
+    return [f"{label}: {est[key]['note']}" for key, label in names.items() if est.get(key) and est[key].get("note")]
+
+
+def comparison_rows(est: dict[str, Any]) -> list[dict[str, str]]:
     rows = []
     for item in est.get("comparison", []):
         unit = item.get("unit", "")
@@ -302,177 +336,11 @@ def _comparison_rows(est: dict[str, Any]) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- HTML
 
 
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _plots(report: dict[str, Any]) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    plots: dict[str, str] = {}
-    hist = report["latency_ms"]["histogram"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    if hist["counts"]:
-        edges = np.asarray(hist["edges_ms"])
-        ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="#4477aa", edgecolor="white")
-        for name, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
-            v = report["latency_ms"][name]
-            if v is not None:
-                ax.axvline(v, color="#cc3311", linestyle=style, label=f"{name} {v:.2f} ms")
-        ax.legend()
-    ax.set_xlabel("latency per request (ms)")
-    ax.set_ylabel("requests")
-    ax.set_title("Latency distribution")
-    plots["latency"] = _png(fig)
-
-    devs = report["devices"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    xs = np.arange(len(devs))
-    peaks = [d["peak_rss_mb"] or 0 for d in devs]
-    colors = ["#cc3311" if d["over_memory"] else "#228833" for d in devs]
-    ax.bar(xs, peaks, color=colors, width=0.6, label="peak RSS")
-    for x, d in zip(xs, devs):
-        if d["memory_limit_mb"] is not None:
-            ax.hlines(d["memory_limit_mb"], x - 0.4, x + 0.4, colors="black", linestyles="--")
-    limits = [d["memory_limit_mb"] for d in devs if d["memory_limit_mb"] is not None]
-    if limits:
-        ax.plot([], [], "k--", label="device memory left by the OS")
-        # Keep small RSS bars readable under a large device limit.
-        if max(limits) > 20 * max(peaks + [1]):
-            ax.set_yscale("log")
-    ax.set_xticks(xs, [f"{d['index']}: {d['profile']}" for d in devs], rotation=20)
-    ax.set_ylabel("MB")
-    ax.set_title("Memory per device against its limit")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False)
-    plots["memory"] = _png(fig)
-
-    tl = report["timeline"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    mids = [(b["t0_s"] + b["t1_s"]) / 2 for b in tl["bins"]]
-    acc = [np.nan if b["accuracy"] is None else b["accuracy"] * 100 for b in tl["bins"]]
-    deg = [100.0 * b["degraded"] / b["answered"] if b["answered"] else np.nan for b in tl["bins"]]
-    ax.plot(mids, acc, "o-", color="#4477aa", label="accuracy")
-    ax.plot(mids, deg, "s--", color="#ee7733", label="degraded answers", markersize=3)
-    for i, w in enumerate(tl["outages"]):
-        ax.axvspan(w["start_s"], w["end_s"], color="#cc3311", alpha=0.15, label="device down" if i == 0 else None)
-    for e in tl["events"]:
-        ax.axvline(e["t"], color="#999999", linewidth=0.8)
-        ax.annotate(f"{e['event']} d{e['device']}", (e["t"], 103), rotation=90, fontsize=7, color="#555555",
-                    ha="right", va="top", annotation_clip=False)
-    ax.set_ylim(-2, 104)
-    ax.set_xlabel("time since stream start (s)")
-    ax.set_ylabel("%")
-    ax.set_title("Accuracy over time" + (" during a fault" if tl["outages"] else ""))
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
-    plots["timeline"] = _png(fig)
-    return plots
-
-
-def _table_html(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1000px;color:#222;padding:0 1em}
-h1{font-size:1.6em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em} .scroll{overflow-x:auto} th,td{border:1px solid #ccc;padding:.3em .7em;text-align:right}
-th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
-.over{color:#b00;font-weight:bold} .warn{background:#fff3cd;border:1px solid #e0c97f;padding:.5em;margin:.4em 0}
-.plots{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0} img{max-width:100%;border:1px solid #eee}
-code{background:#f5f5f5;padding:0 .2em}
-"""
-
-
 def render_html(report: dict[str, Any]) -> str:
-    """The report as one self-contained HTML page (no external files, plots inlined)."""
-    plots = _plots(report)
-    esc = html.escape
-    net = report["network_emulation"]
-    summary = _table_html(["measure", "value"], _summary_rows(report), "summary")
-    dev_rows = [
-        (
-            f"{d['index']} {d['student']}",
-            d["profile"],
-            d["endpoint"],
-            _fmt(d["peak_rss_mb"], ".1f"),
-            _fmt(d["memory_limit_mb"], ".0f"),
-            "OVER LIMIT" if d["over_memory"] else "ok",
-            _fmt(d["bytes_sent_per_inference"], ".0f"),
-            _fmt(d["bytes_received_per_inference"], ".0f"),
-            _fmt(d["wire_bytes_per_inference"], ".0f"),
-            _pct(d["contributed"]),
-            d["starts"],
-        )
-        for d in report["devices"]
-    ]
-    devices = _table_html(
-        ["device", "profile", "endpoint", "peak RSS (MB)", "limit (MB)", "memory", "bytes sent/inf", "bytes recv/inf",
-         "wire bytes/inf", "contributed", "starts"],
-        dev_rows,
-        "devices",
-    )
-    est = report.get("estimates")
-    comparison = (
-        _table_html(["", "NoNN fleet", "teacher, one device", "teacher / NoNN", "layer-wise split over the same devices"],
-                    [(r["metric"], r["nonn"], r["teacher"], r["ratio"], r["model_parallel"]) for r in _comparison_rows(est)],
-                    "comparison")
-        + "<p>Estimated by the device planner from the bundle's FLOPs and parameters and the device profiles "
-        "(not measured on this machine).</p>"
-        if est and est.get("comparison")
-        else "<p>No cost estimate (the device planner gave none for this bundle).</p>"
-    )
-    events = report["timeline"]["events"]
-    events_html = (
-        _table_html(["t (s)", "device", "event"], [(f"{e['t']:.2f}", e["device"], e["event"]) for e in events], "events")
-        if events
-        else "<p>No faults injected.</p>"
-    )
-    warnings = "".join(f'<div class="warn">{esc(w)}</div>' for w in report.get("warnings", []))
-    links = net.get("links") or []
-    link_rows = [
-        (i, _fmt(l.get("bandwidth_mbps"), ".1f"), _fmt(l.get("latency_ms"), ".1f"), _fmt(l.get("loss"), ".4f"))
-        for i, l in enumerate(links)
-    ]
-    model_text = f"<p>Delay model: {esc(net['model'])}.</p>" if net.get("model") else ""
-    figures = "".join(
-        f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{plots[key]}"><figcaption>{esc(alt)}</figcaption></figure>'
-        for key, alt in (("latency", "latency distribution"), ("memory", "memory per device against its limit"),
-                         ("timeline", "accuracy over time"))
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>nonn simulate report</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
-<body>
-<h1>NoNN fleet simulation</h1>
-<p>Bundle <code>{esc(str(report.get('bundle')))}</code>{', data set <code>' + esc(str(report['dataset'])) + '</code>' if report.get('dataset') else ''};
-{len(report['devices'])} devices, {report['requests']} requests of {report['batch_size']} image(s), concurrency {report['config']['concurrency']}.</p>
-{warnings}
-<h2>Summary</h2>
-{summary}
-<h2>Devices</h2>
-<div class="scroll">{devices}</div>
-<h2>NoNN fleet against the teacher on one device</h2>
-{comparison}
-<h2>Network emulation: {esc(net['mode'])}</h2>
-<p>{esc(net.get('reason') or '')}</p>
-{model_text}
-{_table_html(['device', 'bandwidth (Mbit/s)', 'round trip (ms)', 'loss'], link_rows, 'links')}
-<h2>Plots</h2>
-<div class="plots">{figures}</div>
-<h2>Faults</h2>
-{events_html}
-</body></html>
-"""
+    """The report as one self-contained HTML page (`nonn.devices.report_html`)."""
+    from nonn.devices.report_html import render_html as render
+
+    return render(report)
 
 
 def write_html(report: dict[str, Any], path: str | Path) -> Path:

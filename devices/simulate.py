@@ -39,10 +39,12 @@ log = logging.getLogger(__name__)
 class SimulationConfig:
     """How to run the stream. `requests` 0 means one pass over all images.
 
-    The stream sends at least `requests` requests and lasts at least `min_duration_s`; with
-    faults it also runs until every fault has played out (the device killed and, when it is
-    restarted, serving again, plus `recovery_s`; a slowdown started), cycling over the images
-    as needed.
+    The stream sends exactly `requests` requests, cycling over the images as needed. Two
+    settings make it longer, and are the only ones that do: `min_duration_s` (it keeps sending
+    until that many seconds have passed) and `until_faults_end` (it keeps sending until every
+    fault has played out: the device killed and, when it is restarted, serving again, plus
+    `recovery_s`; a slowdown started). Without them a fault scheduled after the last request
+    does not happen, and the report says so.
     """
 
     requests: int = 1000
@@ -50,6 +52,7 @@ class SimulationConfig:
     batch_size: int = 1
     rate: float | None = None  # requests per second (open loop); None: closed loop at `concurrency`
     min_duration_s: float = 0.0  # keep streaming (cycling the images) at least this long
+    until_faults_end: bool = False  # keep streaming until every fault has played out (+ recovery_s)
     recovery_s: float = 1.0  # with faults: keep streaming this long after the last fault event
     deadline_s: float = 2.0
     retries: int = 2
@@ -212,7 +215,8 @@ def simulate(
         baseline = None
         if config.compare_all_up:
             all_up = replace(config, faults=[], slowdowns=[], compare_all_up=False)
-            warm_up = replace(all_up, requests=min(config.requests or 50, 50), min_duration_s=0.0, progress=False)
+            warm_up = replace(all_up, requests=min(config.requests or 50, 50), min_duration_s=0.0, until_faults_end=False,
+                              progress=False)  # fmt: skip
             asyncio.run(RequestStream(bundle, fleet, x, warm_up, None).run())
             baseline_stream = RequestStream(bundle, fleet, x, all_up, on_progress)
             asyncio.run(baseline_stream.run())

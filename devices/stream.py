@@ -83,7 +83,8 @@ class RequestStream:
         i = self._next
         now = loop.time() - self._t0
         done = i >= self.target and now >= self.config.min_duration_s
-        if done and (self.config.faults or self.config.slowdowns):  # the faults play out (kills: and recovery)
+        if done and self.config.until_faults_end and (self.config.faults or self.config.slowdowns):
+            # the faults play out (kills: and recovery)
             done = self._faults_pending == 0 and (not self.config.faults or now >= self._last_fault_event + self.config.recovery_s)
         if done:
             return None
@@ -105,7 +106,7 @@ class RequestStream:
             replicas=cfg.replicas,
             hedge=cfg.hedge,
         )
-        progress = _progress_bar(self.target, cfg.progress)
+        progress = StreamProgress(self.target, planned_seconds(cfg), cfg.progress)
         try:
             await aggregator.start()
             self._t0 = loop.time()
@@ -163,7 +164,7 @@ class RequestStream:
             self.bytes_received.append(received)
             self.image_index.append(idx.tolist())
             self.predictions.append(preds)
-            progress.update(1)
+            progress.request_done(loop.time() - self._t0)
             if self.on_progress is not None:
                 self.on_progress(len(self.latency_s))
 
@@ -210,7 +211,48 @@ class RequestStream:
         self._event(fault.device, "restart-timeout")
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
+def planned_seconds(config: Any) -> float | None:
+    """How long a time-bound stream is planned to last (None: it is bound by its request count):
+    `min_duration_s`, or with `until_faults_end` the last fault event's planned time plus recovery."""
+    ends = [config.min_duration_s] if config.min_duration_s > 0 else []
+    if config.until_faults_end:
+        ends += [f.at_s + (f.restart_after_s or 0.0) + config.recovery_s for f in config.faults]
+        ends += [s.at_s for s in config.slowdowns]
+    return max(ends) if ends else None
 
-    return tqdm(total=total, desc="simulate", unit="req", disable=not enabled, dynamic_ncols=True, leave=False)
+
+class StreamProgress:
+    """The stream's progress bar, always with a known total: requests when the stream is bound by
+    its request count, else seconds of the planned stream time (`planned_seconds`), the requests
+    sent so far shown beside it. A restart slower than planned extends the total when it happens."""
+
+    def __init__(self, requests: int, seconds: float | None, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.seconds = seconds
+        self.requests = 0
+        self.elapsed_s = 0.0
+        if seconds is None:
+            self.bar = tqdm(total=requests, desc="simulate", unit="req", disable=not enabled, dynamic_ncols=True, leave=False)
+        else:
+            self.bar = tqdm(total=round(seconds, 1), desc="simulate", unit="s",
+                            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s {postfix}", disable=not enabled,
+                            dynamic_ncols=True, leave=False)  # fmt: skip
+
+    @property
+    def total(self) -> float:
+        return self.bar.total
+
+    def request_done(self, elapsed_s: float) -> None:
+        self.requests += 1
+        if self.seconds is None:
+            self.bar.update(1)
+            return
+        if elapsed_s > self.bar.total:
+            self.bar.total = round(elapsed_s, 1)
+        self.bar.set_postfix_str(f"{self.requests} requests", refresh=False)
+        self.bar.update(round(elapsed_s, 1) - self.elapsed_s)  # redrawn at tqdm's own pace
+        self.elapsed_s = round(elapsed_s, 1)
+
+    def close(self) -> None:
+        self.bar.close()

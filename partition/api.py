@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -15,7 +16,41 @@ from .grouping import STRATEGIES, make_groups
 if TYPE_CHECKING:  # torch only when activations are collected
     from torch import nn
 
-__all__ = ["partition_fan", "partition_model", "ModelPartition"]
+__all__ = ["partition_fan", "partition_model", "ModelPartition", "quality_warnings", "MAX_ISOLATED_SHARE", "MIN_MODULARITY"]
+
+log = logging.getLogger(__name__)
+
+# Above this share of isolated filters, or below this modularity (about where community
+# structure stops being distinguishable from a random graph's), the groups say little.
+MAX_ISOLATED_SHARE = 0.25
+MIN_MODULARITY = 0.3
+
+
+def quality_warnings(partition: Partition) -> list[str]:
+    """What a partition with many isolated filters or low modularity means for its students."""
+    out = []
+    isolated = int((partition.stats or {}).get("isolated_filters", 0))
+    percentile = partition.params.get("percentile", 99.0)
+    if partition.num_filters and isolated / partition.num_filters > MAX_ISOLATED_SHARE:
+        out.append(
+            f"{isolated} of {partition.num_filters} filters ({isolated / partition.num_filters:.0%}) are isolated: none of "
+            f"their FAN edges reach the p{percentile:g} threshold, so no community holds them and they are dealt out to "
+            "the students only to balance the group sizes. Those students learn filters that do not fire together, "
+            "which weakens the split of knowledge NoNN relies on; collect activations over more images or lower "
+            "--percentile"
+        )
+    if partition.modularity is not None and partition.modularity < MIN_MODULARITY:
+        out.append(
+            f"modularity {round(partition.modularity, 3) + 0.0:.3f} is below {MIN_MODULARITY}: the FAN has little community structure, so "
+            "the groups are close to an arbitrary split of the filters and each student learns a mix of unrelated "
+            "filters; expect lower accuracy from the students. Try another --resolution or --percentile, or more images"
+        )
+    elif partition.modularity is None:
+        out.append(
+            "no FAN edge reaches the threshold (modularity undefined): the groups are an arbitrary split of the filters "
+            "and each student learns a mix of unrelated filters; lower --percentile or collect more images"
+        )
+    return out
 
 
 def partition_fan(
@@ -55,7 +90,7 @@ def partition_fan(
         params["tolerance"] = float(tolerance)
     stats = found.stats()
     stats["group_modularity"] = modularity_of(fan_graph(found.thresholded), groups)
-    return Partition(
+    partition = Partition(
         num_filters=int(w.shape[0]),
         groups=groups,
         strategy=strategy,
@@ -68,6 +103,9 @@ def partition_fan(
         data=data,
         input_contract=input_contract,
     )
+    for warning in quality_warnings(partition):
+        log.warning("%s", warning)
+    return partition
 
 
 @dataclass

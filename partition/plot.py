@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from nonn.artifacts import atomic_path
 from .artifact import Partition
 from .communities import fan_graph, threshold_fan
 
-__all__ = ["plot_partition"]
+__all__ = ["plot_partition", "partition_figure"]
 
 UNUSED_COLOUR = "#c8c8c8"
 
@@ -20,9 +21,21 @@ UNUSED_COLOUR = "#c8c8c8"
 def plot_partition(
     fan: np.ndarray, partition: Partition, path: str | os.PathLike[str], seed: int | None = None
 ) -> Path:
-    """Write a PNG: left, the FAN graph after thresholding (edges as the partition's params
-    say; filters coloured by group, unused filters grey, isolated filters on an outer ring);
-    right, a bar chart of the group sizes. Written atomically."""
+    """Write the PNG of `partition_figure` atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = partition_figure(fan, partition, seed)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def partition_figure(fan: np.ndarray, partition: Partition, seed: int | None = None) -> Any:
+    """The figure: left, the FAN graph after thresholding (edges as the partition's params
+    say; filters coloured by group, unused filters grey, isolated filters on an outer ring) with
+    a legend saying so; right, a bar chart of the group sizes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,6 +84,8 @@ def plot_partition(
         fontsize=10,
     )
     ax_graph.set_axis_off()
+    ax_graph.legend(handles=_legend_handles(colours, partition, graph, len(isolated), bool(unused_filters(partition))),
+                    loc="upper left", bbox_to_anchor=(0.0, 0.0), ncol=3, fontsize=8, frameon=False)  # fmt: skip
 
     sizes = partition.group_sizes
     labels = [f"student {i}" for i in range(k)]
@@ -87,9 +102,29 @@ def plot_partition(
     ax_bars.set_ylabel("filters")
     ax_bars.set_title(f"group sizes (K={k}, coverage {partition.coverage:.0%})", fontsize=10)
     ax_bars.legend(fontsize=8)
+    return fig
 
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+
+def unused_filters(partition: Partition) -> int:
+    return partition.num_filters - sum(partition.group_sizes)
+
+
+def _legend_handles(colours: list[Any], partition: Partition, graph: Any, isolated: int, unused: bool) -> list[Any]:
+    """Legend entries: a colour per student (up to 12, else one entry), unused filters, the outer
+    ring of isolated filters, and what an edge is."""
+    from matplotlib.lines import Line2D
+
+    def dot(colour: Any, label: str) -> Any:
+        return Line2D([], [], marker="o", linestyle="", markerfacecolor=colour, markeredgecolor="black", markersize=7, label=label)
+
+    k = len(colours)
+    handles = [dot(colours[i], f"student {i}'s filters") for i in range(k)] if k <= 12 else [
+        dot(colours[0], f"filters, coloured by student (K={k})")
+    ]
+    if unused:
+        handles.append(dot(UNUSED_COLOUR, "filters no student uses"))
+    if isolated:
+        handles.append(dot("white", f"outer ring: {isolated} isolated filters (no edge)"))
+    handles.append(Line2D([], [], color="#555555", alpha=0.6, linewidth=1.5,
+                          label=f"edge: FAN weight >= p{partition.params.get('percentile', 99.0):g} (width ~ weight)"))  # fmt: skip
+    return handles

@@ -14,8 +14,8 @@ from nonn.devices.plan_file import load_plan
 from nonn.devices.planner import (
     RUNTIME_FOOTPRINT_MB,
     PlanError,
+    exchange_bytes,
     format_plan,
-    infer_wire_bytes,
     model_memory_mb,
     plan,
     simulation_estimates,
@@ -123,24 +123,35 @@ def test_plan_four_pis_costs_follow_the_model() -> None:
     row = p.devices[0]
     assert row.memory_mb == pytest.approx(RUNTIME_FOOTPRINT_MB + (2 * 200_000 + 100_000) / 2**20)
     assert row.compute_ms == pytest.approx(1e7 / (pi.gflops * 1e9) * 1000)
-    # What a device sends: the 16-float feature vector (64 B) plus KServe/gRPC/HTTP2/TCP overhead.
-    assert row.sent_bytes == infer_wire_bytes("student_0", "features", [1, 16], response=True)
-    assert 64 < row.sent_bytes < 400
-    assert p.nonn.bytes_per_inference == sum(r.sent_bytes for r in p.devices)
+    # What a device sends back: the 16-float feature vector (64 B) in a ModelInfer reply; the
+    # wire bytes add the image's request and gRPC/HTTP/2 framing (nonn.runtime.traffic).
+    features, features_wire = exchange_bytes("student_0", "features", [1, 16], response=True)
+    request, request_wire = exchange_bytes("student_0", "image", [1, 1, 28, 28], output="features")
+    assert row.bytes_per_inference.features == features and 64 < features < 120
+    assert row.bytes_per_inference.request == request and 28 * 28 * 4 < request < 28 * 28 * 4 + 80
+    assert row.bytes_per_inference.wire == request_wire + features_wire > request + features
+    assert p.nonn.bytes_per_inference.features == sum(r.bytes_per_inference.features for r in p.devices)
+    assert p.nonn.bytes_per_inference.between_devices == 0
 
     # Model-parallel bytes follow from the teacher's activation shapes: two conv layers, each
     # with its input scattered and output gathered by the owner, three bands of four go out.
-    band = lambda elements, response: infer_wire_bytes("layer", "band", [1, round(elements / 4)], response=response)  # noqa: E731
+    band = lambda elements, response: exchange_bytes("layer", "band", [1, round(elements / 4)], response=response)[0]  # noqa: E731
     expected = 3 * (band(28 * 28, False) + band(64 * 28 * 28, True) + band(64 * 28 * 28, False) + band(64 * 14 * 14, True))
-    assert p.model_parallel is not None and p.model_parallel.bytes_per_inference == expected
-    assert p.model_parallel.bytes_per_inference > 100 * p.nonn.bytes_per_inference
+    assert p.model_parallel is not None and p.model_parallel.bytes_per_inference.between_devices == expected
+    assert p.model_parallel.bytes_per_inference.between_devices > 100 * p.nonn.bytes_per_inference.features
+    # The teacher's bytes are its image in and its logits back, and its column says so.
+    assert p.teacher is not None and p.teacher.bytes_per_inference.features < p.nonn.bytes_per_inference.features
+    assert "its bytes are the image sent to it and the logits it sends back" in p.teacher.note
     # The teacher (2 GFLOP) on one Pi is slower than four students of 10 MFLOP in parallel.
     ratios = p.ratios()
     assert p.teacher is not None and p.teacher.memory_per_device_mb == pytest.approx(model_memory_mb(16_000_000, 2 * 64 * 28 * 28 * 4))
-    assert ratios["teacher"]["latency"] > 10 and ratios["model_parallel"]["bytes_per_inference"] > 100
+    assert ratios["teacher"]["latency"] > 10 and ratios["model_parallel"]["wire_bytes_per_inference"] > 20
     text = format_plan(p)
     assert "rpi3b+#3" in text and "teacher/NoNN" in text and "model-parallel/NoNN" in text
     assert "device order" in text and "student_3" in text.split("device order")[1]
+    for label in ("request bytes sent (B/inference)", "features sent back (B/inference)", "wire bytes (B/inference)",
+                  "bytes between devices (B/inference)"):  # fmt: skip
+        assert label in text
 
 
 def test_plan_balances_the_slowest_device() -> None:
@@ -189,7 +200,7 @@ def test_cli_plan_and_simulation_hook(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "student_3" in out and "latency (ms)" in out
     saved = json.loads((tmp_path / "plan.json").read_text())
-    assert saved["format"] == "nonn.plan/1" and len(saved["devices"]) == 4
+    assert saved["format"] == "nonn.plan/2" and len(saved["devices"]) == 4
     assert main(["plan", "--bundle", str(tmp_path / "b"), "--devices", "rpi3b+:2"]) == 2
     assert "fewer devices than students" in capsys.readouterr().err
     est = simulation_estimates(tmp_path / "b", [{"name": "rpi3b+"}] * 4)
@@ -212,7 +223,7 @@ def test_plan_json_round_trip_and_validation(tmp_path: Path) -> None:
 
     good = json.loads(path.read_text())
     cases = [
-        (lambda d: d.update(format="nonn.plan/0"), "format is 'nonn.plan/0', expected 'nonn.plan/1'"),
+        (lambda d: d.update(format="nonn.plan/0"), "format is 'nonn.plan/0', expected 'nonn.plan/2'"),
         (lambda d: d["bundle"].update(manifest_sha256="abc"), "bundle.manifest_sha256: expected 64 lowercase hex"),
         (lambda d: d["placement"].reverse(), "placement: places .* expected the bundle's students in order"),
         (lambda d: d["placement"][0].update(devices=["rpi5"]), r"placement\[0\] \(student_0\): device 'rpi5' is not among"),

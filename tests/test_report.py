@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import html.parser
 import json
 import re
@@ -103,12 +104,19 @@ def test_report_figures(result):
     assert r["latency_ms"]["p99"] == pytest.approx(np.percentile(np.arange(1, 10), 99))
     assert sum(r["latency_ms"]["histogram"]["counts"]) == 9
     assert r["throughput"]["requests_per_s"] == pytest.approx(9.0)
+    # Requests 4, 5, 6 (5, 6, 7 ms) are the degraded ones: the histogram colours them apart.
+    assert sum(r["latency_ms"]["histogram"]["degraded_counts"]) == 3
+    by = r["latency_ms"]["by_answer"]
+    assert (by["degraded"]["answers"], by["degraded"]["p50"]) == (3, pytest.approx(6.0))
+    assert (by["full"]["answers"], by["full"]["p50"]) == (6, pytest.approx(3.5))
+    # Bytes per inference (nonn.runtime.traffic): totals of the answered requests per image answered.
     d0, d1 = r["devices"]
-    assert d0["bytes_per_inference"] == pytest.approx(140.0)
-    assert d1["bytes_per_inference"] == pytest.approx((9 * 120 + 6 * 60) / 9, abs=0.05)
+    assert d0["bytes_per_inference"] == {"request": 100.0, "features": 40.0, "wire": pytest.approx(4000 / 9, abs=0.05), "between_devices": 0.0}
+    assert d1["bytes_per_inference"]["request"] == 120.0
+    assert d1["bytes_per_inference"]["features"] == pytest.approx(6 * 60 / 9, abs=0.05)
     assert d1["contributed"] == pytest.approx(6 / 9, abs=1e-6)
-    assert d0["wire_bytes_per_inference"] == pytest.approx(400.0)
-    assert r["bytes_per_inference"] == pytest.approx(d0["bytes_per_inference"] + d1["bytes_per_inference"], abs=0.1)
+    total = r["bytes_per_inference"]
+    assert (total["request"], total["features"]) == (220.0, pytest.approx(80.0)) and total["wire"] == pytest.approx(8000 / 9, abs=0.1)
     assert d1["over_memory"] and any("900.0 MB exceeds its 824 MB" in w for w in r["warnings"])
     assert r["errors"] == ["request 9: AggregationError: no device answered"]
 
@@ -128,7 +136,7 @@ def test_report_json_schema(result, tmp_path):
     assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"]
     assert isinstance(r["devices"], list) and len(r["devices"]) == 2
     for d in r["devices"]:
-        assert isinstance(d["bytes_per_inference"], float) and isinstance(d["peak_rss_mb"], float)
+        assert set(d["bytes_per_inference"]) == {"request", "features", "wire", "between_devices"} and isinstance(d["peak_rss_mb"], float)
         assert {"index", "profile", "memory_limit_mb", "over_memory", "starts"} <= set(d)
     assert r["network_emulation"]["mode"] in ("netns", "client-delay", "none")
     assert {"bin_s", "bins", "events", "outages"} <= set(r["timeline"])
@@ -142,7 +150,12 @@ def test_report_json_schema(result, tmp_path):
 
 def test_terminal_table(result):
     text = format_table(build_report(result))
-    assert "requests (answered / lost / degraded)  10 (9 / 1 / 3)" in text
+    assert re.search(r"requests \(answered / lost / degraded\)\s+10 \(9 / 1 / 3\)", text)
+    # Bytes carry the labels plan and infer use (nonn.runtime.traffic), the teacher's what its bytes are.
+    assert re.search(r"request bytes sent per inference, all devices\s+220 B", text)
+    assert re.search(r"features sent back per inference, all devices\s+80 B", text)
+    assert "features sent back (B/inference)" in text and "wire bytes (B/inference)" in text
+    assert "teacher, one device: on one rpi3b+; its bytes are the image sent to it and the logits it sends back" in text
     assert "accuracy during outage" in text and "33.33%" in text
     assert re.search(r"1 student_1\s+rpi3b\+\s+900\.0\s+824\s+OVER", text)
     assert "teacher, one device" in text and "energy per node (mJ)" in text
@@ -197,20 +210,45 @@ def test_html_report_is_self_contained_with_three_plots(result, tmp_path):
     assert 'class="warn"' in text and "OVER LIMIT" in text
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no headless chromium here")
+_BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([_BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+                          capture_output=True, text=True, timeout=90, check=True)  # fmt: skip
+
+
+@pytest.mark.skipif(_BROWSER is None, reason="no chromium or chromium-browser on PATH to render the report headless")
 def test_html_report_renders_in_headless_chromium(result, tmp_path):
     from matplotlib import image as mpimg
 
+    from nonn.devices.report_plots import FULL_COLOUR
+
     page = write_html(build_report(result), tmp_path / "report.html")
     shot = tmp_path / "shot.png"
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1000,2400",
-         f"--screenshot={shot}", page.as_uri()],
-        capture_output=True, timeout=90, check=True,
-    )  # fmt: skip
-    pixels = mpimg.imread(shot)
-    assert pixels.shape[:2] == (2400, 1000)
+    _chromium("--window-size=1400,3000", f"--screenshot={shot}", page.as_uri())
+    pixels = mpimg.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (3000, 1400)
     # Not a blank page: text, tables and plots give many distinct colours and dark pixels.
-    gray = pixels[..., :3].mean(axis=2)
+    gray = pixels.mean(axis=2)
     assert (gray < 0.3).mean() > 0.005 and len(np.unique(np.round(gray, 2))) > 30
+    # The plots span the page: the full answers' bars and the accuracy line (FULL_COLOUR) reach
+    # across most of the 1400 px window, not a 640 px figure beside another.
+    target = np.array([int(FULL_COLOUR[i : i + 2], 16) for i in (1, 3, 5)]) / 255
+    columns = np.flatnonzero((np.abs(pixels - target).max(axis=2) < 0.03).any(axis=0))
+    assert columns.size and columns.max() - columns.min() > 0.6 * 1400
+
+    # The laid-out page, measured by the browser: each plot as wide as the text column, and that
+    # column most of the window.
+    probe = tmp_path / "probe.html"
+    script = (
+        "<script>addEventListener('load',()=>{const w=[...document.images].map(i=>Math.round(i.getBoundingClientRect().width));"
+        "document.body.setAttribute('data-widths',JSON.stringify({images:w,column:document.querySelector('h2').getBoundingClientRect().width}));});</script>"
+    )
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
+    dom = _chromium("--window-size=1400,3000", "--virtual-time-budget=2000", "--dump-dom", probe.as_uri()).stdout
+    found = re.search(r'data-widths="([^"]+)"', dom)
+    assert found, dom[:500]
+    widths = json.loads(html.unescape(found[1]))
+    assert len(widths["images"]) == 3 and widths["column"] > 0.8 * 1400
+    assert all(abs(w - widths["column"]) <= 4 for w in widths["images"]), widths

@@ -71,19 +71,60 @@ def test_simulate_three_students_end_to_end(bundle, data):
     assert report["network_emulation"]["mode"] == "client-delay"
     assert float(np.nanmin(result.latency_s)) >= 0.025
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p95"] <= report["latency_ms"]["p99"]
-    for d in report["devices"]:
+    # Bytes per inference are those the plan estimates (nonn.runtime.traffic): at batch 1 the
+    # measured request and reply sizes are the plan's to within the request id's digits.
+    from nonn.devices.planner import plan
+
+    planned = plan(bundle.root, [{**tiny_profile(), "power_w": {"idle": 1.0, "active": 2.0}}] * 3, placement=[0, 1, 2])
+    for d, row in zip(report["devices"], planned.devices):
+        measured, estimated = d["bytes_per_inference"], row.bytes_per_inference
         assert d["peak_rss_mb"] > 10  # a real Python + ONNX Runtime process was measured
-        assert d["bytes_per_inference"] > 16 * 4  # at least the 16 input floats went out
-        assert d["bytes_received_per_inference"] > 0 and d["contributed"] == 1.0
-        assert d["starts"] == 1 and not d["over_memory"]
-        assert d["wire_bytes_per_inference"] >= d["bytes_per_inference"]  # HTTP/2 framing on top
+        assert abs(measured["request"] - estimated.request) <= 4 and measured["request"] > 16 * 4
+        assert abs(measured["features"] - estimated.features) <= 4
+        assert d["contributed"] == 1.0 and d["starts"] == 1 and not d["over_memory"]
+        assert measured["wire"] >= measured["request"] + measured["features"]  # gRPC and HTTP/2 framing on top
     # The student with 2 features sends back fewer bytes than those with 3.
-    per_dev = [d["bytes_received_per_inference"] for d in report["devices"]]
+    per_dev = [d["bytes_per_inference"]["features"] for d in report["devices"]]
     assert per_dev[1] < per_dev[0] == per_dev[2]
     json.dumps(report)  # plain JSON data
     pids = _started_pids(result)
     assert len(pids) == 3 and not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
     _assert_no_children()
+
+
+def test_requests_n_sends_exactly_n_and_says_which_fault_did_not_happen(bundle, data):
+    """A kill due after the last request neither happens nor stretches the stream."""
+    x, y = data
+    result = simulate(
+        bundle.root, [tiny_profile()] * 3, x, y,
+        config=SimulationConfig(requests=12, concurrency=2, network="none", faults=[FaultSpec(1, 4.0, 1.0)], progress=False),
+    )  # fmt: skip
+    report = build_report(result)
+    assert report["requests"] == 12 and result.wall_s < 4.0 and result.events == []
+    assert any("fault 1@4:1 did not happen" in w and "--until-faults-end" in w for w in report["warnings"])
+    _assert_no_children()
+
+
+def test_the_progress_bar_has_a_known_total():
+    from nonn.devices.simulate import SlowSpec
+    from nonn.devices.stream import StreamProgress, planned_seconds
+
+    by_count = SimulationConfig(requests=30, faults=[FaultSpec(1, 2.0, 3.0)])
+    assert planned_seconds(by_count) is None
+    bar = StreamProgress(30, planned_seconds(by_count), enabled=False)
+    for _ in range(30):
+        bar.request_done(0.1)
+    assert (bar.total, bar.requests) == (30, 30)
+    until = SimulationConfig(requests=30, faults=[FaultSpec(1, 2.0, 3.0)], slowdowns=[SlowSpec(0, 7.0, 2.0)],
+                             recovery_s=1.5, until_faults_end=True)  # fmt: skip
+    assert planned_seconds(until) == 7.0
+    assert planned_seconds(SimulationConfig(min_duration_s=9.0, until_faults_end=True, faults=[FaultSpec(1, 2.0, 3.0)],
+                                            recovery_s=1.5)) == 9.0  # fmt: skip
+    bar = StreamProgress(30, planned_seconds(until), enabled=False)
+    bar.request_done(2.5)
+    assert (bar.total, bar.elapsed_s, bar.requests) == (7.0, 2.5, 1)
+    bar.request_done(8.0)  # a restart slower than planned: the total follows
+    assert (bar.total, bar.elapsed_s) == (8.0, 8.0)
 
 
 def test_kill_and_restart_gives_degraded_answers_and_loses_nothing(bundle, data):
@@ -101,6 +142,7 @@ def test_kill_and_restart_gives_degraded_answers_and_loses_nothing(bundle, data)
             deadline_s=0.5,
             network="none",
             faults=[FaultSpec(device=1, at_s=0.3, restart_after_s=0.3)],
+            until_faults_end=True,
             progress=False,
         ),
     )
@@ -226,7 +268,7 @@ def test_cli_simulate_with_a_fault_writes_json_and_html(cli_inputs, capsys):
     code = main([
         "simulate", "--bundle", str(root / "bundle"), "--devices", "tiny:2", "--profiles", str(root / "profiles.json"),
         "--dataset", str(root / "data.npz"), "--requests", "30", "--concurrency", "2", "--rate", "60",
-        "--kill", "1@0.3:0.2", "--recovery", "0.3", "--network", "delay", "--no-progress",
+        "--kill", "1@0.3:0.2", "--until-faults-end", "--recovery", "0.3", "--network", "delay", "--no-progress",
         "--teacher-predictions", str(root / "teacher.npy"),
         "--json", str(root / "sim.json"), "--report", str(root / "sim.html"),
     ])  # fmt: skip

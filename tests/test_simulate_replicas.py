@@ -24,7 +24,8 @@ def test_one_device_of_each_pair_killed_loses_no_answer_and_no_accuracy(bundle, 
     result = simulate(
         bundle.root, [tiny_profile()] * 4, x, y,
         config=SimulationConfig(requests=40, concurrency=2, rate=40.0, replicas=2, network="none", deadline_s=1.0,
-                                faults=[FaultSpec(0, 0.3), FaultSpec(3, 0.3)], recovery_s=0.5, progress=False),
+                                faults=[FaultSpec(0, 0.3), FaultSpec(3, 0.3)], recovery_s=0.5, until_faults_end=True,
+                                progress=False),
     )  # fmt: skip
     report = build_report(result)
     assert (report["lost"], report["degraded"], report["accuracy"]) == (0, 0, 1.0)

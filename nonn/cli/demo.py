@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nonn.cli import CLIError
+from nonn.runtime.traffic import describe
 from nonn.cli.common import add_seed_arg, non_negative_int, positive_int
 
 EPILOG = """\
@@ -181,7 +182,7 @@ def run_demo(
            "--requests", str(preset.requests if requests is None else requests),
            "--teacher", str(paths["teacher"]), "--json", str(paths["simulation"]), "--report", str(paths["report"]), *seed_args]
     if fault and preset.kill:
-        sim += ["--kill", preset.kill]
+        sim += ["--kill", preset.kill, "--until-faults-end"]
     _stage(f"6/6 simulate {students} devices on this machine", sim, result, "simulate")
 
     result.teacher_accuracy = _last_metric(out / "teacher.jsonl", "test_acc")
@@ -220,9 +221,8 @@ def format_summary(result: DemoResult) -> str:
     if lat:
         lines.append(f"latency p50 / p95 / p99          {lat.get('p50', 0):.2f} / {lat.get('p95', 0):.2f} / {lat.get('p99', 0):.2f} ms")
     if devices:
-        sent = ", ".join(f"{d.get('bytes_per_inference', 0):.0f}" for d in devices)
         rss = ", ".join(f"{d.get('peak_rss_mb', 0):.0f}" for d in devices)
-        lines.append(f"bytes per inference per device   {sent}")
+        lines.append(f"bytes, all devices               {describe(sim['bytes_per_inference'])}")
         lines.append(f"peak RSS per device (MB)         {rss}")
     total = sum(result.seconds.values())
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())

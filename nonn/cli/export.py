@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pl.add_argument("--replicas", type=positive_int, default=1,
                     help="devices per student (default: 1); spare devices take the extra copies")
     pl.add_argument("--out", "--json", dest="out", default=None, metavar="PLAN_JSON",
-                    help="write the plan (nonn.plan/1: placement, device order, estimates, the bundle's manifest sha256) here, e.g. plan.json")
+                    help="write the plan (nonn.plan/2: placement, device order, estimates, the bundle's manifest sha256) here, e.g. plan.json")
     pl.set_defaults(func=_plan)
 
 

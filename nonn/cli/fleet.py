@@ -23,8 +23,10 @@ SIMULATE_EPILOG = """\
 faults (--kill, repeatable):
   DEVICE@SECONDS            kill device DEVICE (index from 0) SECONDS into the stream
   DEVICE@SECONDS:RESTART    ... and start it again RESTART seconds later
-  e.g. --kill 1@2 --kill 0@3:5. The stream keeps going until every fault has played out
-  (plus --recovery seconds), so the report shows the outage and the recovery.
+  e.g. --kill 1@2 --kill 0@3:5. The stream sends exactly --requests requests; a fault due
+  after the last one does not happen (the report says so). --until-faults-end keeps the stream
+  going past --requests until every fault has played out (the device serving again, plus
+  --recovery seconds), so the report shows the outage and the recovery.
   --slow DEVICE@SECONDS:FACTOR   from SECONDS on, device DEVICE runs FACTOR times slower (its
                             process is paused and resumed in a 20 ms cycle), e.g. --slow 1@0:4
   --compare-all-up          first stream with every device up, then with the faults: the report
@@ -47,7 +49,7 @@ network (--network):
 
 example:
   nonn simulate --bundle runs/bundle --devices rpi3b+:4 --dataset fashion-mnist \\
-      --requests 2000 --concurrency 8 --kill 1@2:3 --json sim.json --report sim.html
+      --requests 2000 --concurrency 8 --kill 1@2:3 --until-faults-end --json sim.json --report sim.html
 """
 
 
@@ -76,23 +78,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--split", choices=("test", "train"), default="test", help="which split to stream (default: test)")
     run = s.add_argument_group("stream")
     run.add_argument("--requests", type=non_negative_int, default=1000,
-                     help="requests to send, cycling over the images; 0 = every image once (default: 1000)")
+                     help="requests to send, exactly, cycling over the images; 0 = every image once (default: 1000). "
+                     "Only --duration and --until-faults-end send more")
     run.add_argument("--concurrency", type=positive_int, default=4, help="requests in flight at once (default: 4)")
     run.add_argument("--batch-size", type=positive_int, default=1, help="images per request (default: 1)")
     run.add_argument("--rate", type=positive_float, default=None,
                      help="send at this many requests per second (open loop; default: as fast as --concurrency allows)")
     run.add_argument("--duration", type=non_negative_float, default=0.0,
-                     help="stream for at least this many seconds (default: 0)")
+                     help="stream for at least this many seconds, sending more than --requests if needed (default: 0)")
     run.add_argument("--kill", action="append", default=[], metavar="DEVICE@SECONDS[:RESTART]",
                      help="kill a device during the stream, optionally restarting it (repeatable; see below)")
     run.add_argument("--slow", action="append", default=[], metavar="DEVICE@SECONDS:FACTOR",
                      help="slow a device down by FACTOR from SECONDS on (repeatable; see below)")
+    run.add_argument("--until-faults-end", action="store_true",
+                     help="keep streaming past --requests until every --kill/--slow has played out (plus --recovery)")
     run.add_argument("--compare-all-up", action="store_true",
                      help="run the same stream with every device up first and report both side by side")
     run.add_argument("--replicas", type=positive_int, default=1, help="devices per student (default: 1; see below)")
     run.add_argument("--no-hedge", action="store_true", help="with --replicas: no second request to a slow replica")
     run.add_argument("--recovery", type=non_negative_float, default=1.0,
-                     help="seconds to keep streaming after the last fault event (default: 1)")
+                     help="with --until-faults-end: seconds to keep streaming after the last fault event (default: 1)")
     run.add_argument("--deadline", type=positive_float, default=1.0,
                      help="seconds a device has to answer, retries included (default: 1.0)")
     run.add_argument("--retries", type=non_negative_int, default=2, help="extra attempts on UNAVAILABLE (default: 2)")
@@ -274,6 +279,7 @@ def _simulate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         rate=args.rate,
         min_duration_s=args.duration,
+        until_faults_end=args.until_faults_end,
         recovery_s=args.recovery,
         deadline_s=args.deadline,
         retries=args.retries,

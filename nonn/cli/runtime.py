@@ -209,6 +209,7 @@ def _infer(args: argparse.Namespace) -> int:
 
     from nonn.runtime.aggregator import AggregationError, Aggregator, DeviceMismatchError
     from nonn.runtime.bundle import Bundle
+    from nonn.runtime.traffic import BytesPerInference, describe
 
     if args.devices is None:
         raise CLIError("--devices host:port,... is required (one per student, in student order; R per student with --replicas R)")
@@ -295,8 +296,7 @@ def _infer(args: argparse.Namespace) -> int:
                 "transport": transports[d],
                 "contributed_images": int(answered[d]),
                 "skipped_batches": int(skipped[d]),
-                "bytes_sent_per_image": float(sent[d] / max(n_images, 1)),
-                "bytes_received_per_image": float(received[d] / max(n_images, 1)),
+                "bytes_per_inference": BytesPerInference.measured(sent[d], received[d], n_images).to_dict(),
                 "last_error": errors.get(endpoint),
             }
             for d, endpoint in enumerate(endpoints)
@@ -322,8 +322,7 @@ def _infer(args: argparse.Namespace) -> int:
     for d in report["devices"]:
         status = f"{d['contributed_images']}/{n_images} images" + (f", skipped for {d['skipped_batches']} batches while down" if d["skipped_batches"] else "")
         print(
-            f"  {d['student']} @ {d['endpoint']} ({d['transport']}): {status}, {d['bytes_sent_per_image']:.0f} B sent / "
-            f"{d['bytes_received_per_image']:.0f} B received per image"
+            f"  {d['student']} @ {d['endpoint']} ({d['transport']}): {status}; {describe(d['bytes_per_inference'])}"
             + (f"; last error: {d['last_error']}" if d["last_error"] else "")
         )
     for e in report["device_events"]:
