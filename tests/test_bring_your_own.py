@@ -121,11 +121,12 @@ def test_own_teacher_and_image_folder_to_a_simulated_fleet(images, factory, tmp_
     (tmp_path / "profiles.json").write_text(json.dumps(TINY_PROFILE))
     assert main(["simulate", "--bundle", str(tmp_path / "bundle"), "--devices", "tiny:2", "--profiles",
                  str(tmp_path / "profiles.json"), "--requests", "4", "--batch-size", "64", "--concurrency", "1",
-                 "--kill", "1@0.2", "--recovery", "0.5", "--deadline", "30", "--network", "none", "--no-progress",
+                 "--kill", "1@0.2", "--until-faults-end", "--recovery", "0.5", "--deadline", "30", "--network", "none",
+                 "--no-progress",
                  "--json", str(tmp_path / "sim.json")]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "sim.json").read_text())
     assert report["lost"] == 0 and report["degraded"] > 0, {k: report[k] for k in ("requests", "lost", "degraded", "errors") if k in report}
-    sent = [d["bytes_sent_per_inference"] for d in report["devices"]]
+    sent = [d["bytes_per_inference"]["request"] for d in report["devices"]]
     assert all(SIZE * SIZE * 3 <= b < 2 * SIZE * SIZE * 3 for b in sent if b)  # uint8 pixels, not float32
 
 
