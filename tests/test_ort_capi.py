@@ -27,8 +27,8 @@ def mixed_types_model(path):
         helper.make_node("Mul", ["as_double", "scale"], ["scaled"]),
         helper.make_node("Cast", ["pixels"], ["as_int"], to=TensorProto.INT64),
         helper.make_node("ReduceSum", ["as_int"], ["total"], keepdims=1),
-        helper.make_node("Constant", [], ["limit"], value=helper.make_tensor("l", TensorProto.UINT8, [], [100])),
-        helper.make_node("Greater", ["pixels", "limit"], ["bright"]),
+        helper.make_node("Constant", [], ["limit"], value=helper.make_tensor("l", TensorProto.INT64, [], [100])),
+        helper.make_node("Greater", ["as_int", "limit"], ["bright"]),
     ]
     graph = helper.make_graph(
         nodes,
