@@ -103,7 +103,10 @@ def find_communities(
         raise ValueError(f"resolution must be positive, got {resolution}")
     thresholded, threshold = threshold_fan(fan, percentile)
     graph = fan_graph(thresholded)
-    found = nx.community.louvain_communities(graph, weight="weight", resolution=resolution, seed=seed)
+    if graph.number_of_edges() == 0:  # every filter on its own (networkx 3.0's Louvain divides by zero here)
+        found = [{node} for node in graph.nodes]
+    else:
+        found = nx.community.louvain_communities(graph, weight="weight", resolution=resolution, seed=seed)
     communities = sorted((sorted(int(n) for n in c) for c in found), key=lambda c: (-len(c), c[0]))
     return Communities(
         communities=communities,
