@@ -131,3 +131,28 @@ def test_a_failing_tritonclient_client_raises_its_own_error_every_time():
     lines = out.stdout.splitlines()
     assert out.returncode == 0 and len(lines) == 3, out.stderr
     assert len(set(lines)) == 1 and "AttributeError" not in lines[0], lines
+
+
+def test_setup_cfg_floors_match_the_floors_constraints():
+    """`make test-floors` installs constraints/floors.txt: it must pin each stated floor, and only those."""
+    import configparser
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(root / "setup.cfg")
+    lines = cfg["options"]["install_requires"].splitlines()
+    lines += [line for name in cfg["options.extras_require"] if name != "all" for line in cfg["options.extras_require"][name].splitlines()]
+    stated = {}
+    for line in filter(None, (line.strip() for line in lines)):
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[a-z,]+\])?>=([0-9.]+)", line)
+        assert match, f"setup.cfg requirement {line!r}: expected NAME>=FLOOR"
+        floor = stated.setdefault(match[1].lower(), match[2])
+        assert floor == match[2], f"setup.cfg states two floors for {match[1]}: {floor} and {match[2]}"
+    pinned = {}
+    for line in (root / "constraints" / "floors.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pinned[name.strip().lower()] = version.strip()
+    assert pinned == stated
