@@ -131,11 +131,11 @@ def main() -> int:
         for precision in ("bf16", "fp16"):
             check.run(f"train-teacher wrn-16-2 {precision}",
                       ["train-teacher", *common, "--arch", "wrn-16-2", "--epochs", "1", "--precision", precision,
-                       "--out", str(out / f"teacher-{precision}.pt"), "--log", str(out / f"teacher-{precision}.jsonl"), "--overwrite"],
+                       "--out", str(out / f"teacher-{precision}.pt"), "--metrics", str(out / f"teacher-{precision}.jsonl"), "--overwrite"],
                       out / f"teacher-{precision}.jsonl")
         teacher = out / "teacher-bf16.pt"
         if not check.run("partition K=2", ["partition", "--teacher", str(teacher), *data, "--limit", str(min(images, 5000)),
-                                           "--device", args.device, "--students", "2", "--out", str(out / "partition.json"),
+                                           "--device", args.device, "-K", "2", "--out", str(out / "partition.json"),
                                            "--no-progress"]):
             return check.report()
         students = ["train-students", "--teacher", str(teacher), "--partition", str(out / "partition.json"), *common,

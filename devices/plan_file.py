@@ -150,7 +150,7 @@ class Plan:
             digest = theirs.manifest_sha256 if theirs else "none (no manifest.json on disk)"
             raise PlanError(
                 f"{source} was made for bundle {mine.path} (manifest sha256 {mine.manifest_sha256}), not for bundle "
-                f"{bundle.root} (manifest sha256 {digest}); run `nonn plan --bundle {bundle.root} --devices ...` again"
+                f"{bundle.root} (manifest sha256 {digest}); run `nonn plan --bundle {bundle.root} --fleet ...` again"
             )
 
     def ratios(self) -> dict[str, dict[str, float | None]]:

@@ -181,7 +181,7 @@ def simulate(
         each = "one device per student" if config.replicas == 1 else f"{config.replicas} devices per student (--replicas)"
         raise ValueError(
             f"{len(profiles)} device profiles for a bundle with {bundle.num_students} students; "
-            f"give {each} (e.g. --devices rpi3b+:{num_devices})"
+            f"give {each} (e.g. --fleet rpi3b+:{num_devices})"
         )
     x = bundle.input_contract.prepare(images)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)

@@ -317,7 +317,7 @@ def _prepare(config: StudentsConfig, device: torch.device) -> _Setup:
     groups = [list(g) for g in partition.groups]
     if config.num_students is not None and config.num_students != len(groups):
         raise ValueError(
-            f"--students {config.num_students} disagrees with {config.partition}, which has {len(groups)} groups"
+            f"--num-students {config.num_students} disagrees with {config.partition}, which has {len(groups)} groups"
         )
     teacher = load_teacher(config.teacher, factory=config.teacher_factory, weights=config.weights, map_location="cpu")
     teacher_name = config.teacher or config.teacher_factory

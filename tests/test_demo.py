@@ -31,7 +31,7 @@ def test_demo_pipeline_writes_every_artifact(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_settings(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--students", "1"]) == 2
+    assert main(["demo", "--out", str(tmp_path), "-K", "1"]) == 2
     assert "--students must be at least 2" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path), "--teacher", str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt" in capsys.readouterr().err

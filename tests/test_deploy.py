@@ -40,7 +40,7 @@ def fleet(tmp_path_factory):
     """A four-student bundle, its plan (plan.json) and a labelled test set (.npz) for simulate."""
     root = tmp_path_factory.mktemp("deploy")
     bundle = make_bundle(root / "bundle", feature_sizes=(3, 2, 4, 3), classes=5)
-    assert main(["plan", "--bundle", str(bundle.root), "--devices", DEVICES, "--out", str(root / "plan.json")]) == 0
+    assert main(["plan", "--bundle", str(bundle.root), "--fleet", DEVICES, "--out", str(root / "plan.json")]) == 0
     x = tiny_images(30, seed=7)
     predicted = reference_logits(bundle, _preprocessed(bundle, x)).argmax(axis=1)
     y = predicted.copy()
@@ -69,7 +69,7 @@ def _yaml_documents(directory: Path) -> dict[str, list[dict]]:
     [
         [],
         ["--bundle-source", "volume", "--tls", "mtls", "--nodes", "pi-a,pi-b,pi-c,pi-d,pi-e", "--namespace", "edge"],
-        ["--bundle-source", "configmap", "--tls", "tls", "--aggregator-replicas", "1", "--fleet", "second"],
+        ["--bundle-source", "configmap", "--tls", "tls", "--aggregator-replicas", "1", "--fleet-name", "second"],
     ],
     ids=["image", "volume-mtls-nodes", "configmap-tls"],
 )
@@ -89,7 +89,7 @@ def test_k8s_manifests_validate_against_the_kubernetes_schemas(fleet, tmp_path, 
             kinds.append(doc["kind"])
     plan = load_plan(root / "plan.json")
     deployments = {d["metadata"]["name"]: d for docs in files.values() for d in docs if d["kind"] == "Deployment"}
-    fleet_name = extra[extra.index("--fleet") + 1] if "--fleet" in extra else "nonn"
+    fleet_name = extra[extra.index("--fleet-name") + 1] if "--fleet-name" in extra else "nonn"
     for k, student in enumerate(bundle.students):
         pod = deployments[f"{fleet_name}-student-{k}"]["spec"]["template"]["spec"]
         container = pod["containers"][0]
@@ -128,7 +128,7 @@ def test_k8s_refuses_a_configmap_over_the_limit_and_a_plan_for_another_bundle(fl
     with open(big / "student_1.onnx", "ab") as fh:
         fh.write(b"\0" * 2**20)  # a model of more than 1 MiB (its hash no longer matters here)
     (big / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["plan", "--bundle", str(big), "--devices", DEVICES, "--out", str(tmp_path / "big.json")]) == 0
+    assert main(["plan", "--bundle", str(big), "--fleet", DEVICES, "--out", str(tmp_path / "big.json")]) == 0
     code = main(["deploy", "k8s", "--bundle", str(big), "--plan", str(tmp_path / "big.json"), "--out", str(tmp_path / "k"), "--bundle-source", "configmap"])
     assert code == 2 and "over a ConfigMap's 1,048,576 B; use --bundle-source image or volume" in capsys.readouterr().err
     assert not (tmp_path / "k").exists()

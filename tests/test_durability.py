@@ -181,15 +181,15 @@ def test_partition_killed_while_writing_leaves_the_previous_one(tmp_path):
     np.save(tmp_path / "fan.npy", fan)
     out = tmp_path / "partition.json"
     base = ["partition", "--fan", str(tmp_path / "fan.npy"), "--out", str(out), "--percentile", "50"]
-    assert main([*base, "--students", "2"]) == 0
+    assert main([*base, "-K", "2"]) == 0
     before = out.read_bytes()
     # Killed after the new partition's bytes are on disk in a temporary file, before the rename.
-    kill_during("os", "fsync", [*base, "--students", "4"], tmp_path / "marker")
+    kill_during("os", "fsync", [*base, "-K", "4"], tmp_path / "marker")
     assert out.read_bytes() == before
     assert Partition.load(out).num_students == 2
     assert visible_files(tmp_path) == ["fan.npy", "marker", "partition.json"]
     # The next run is not confused by what the killed one left behind.
-    assert main([*base, "--students", "4"]) == 0
+    assert main([*base, "-K", "4"]) == 0
     assert Partition.load(out).num_students == 4
 
 
@@ -209,7 +209,7 @@ def test_export_killed_while_writing_leaves_the_previous_bundle(files, tmp_path)
     manifest = (out / "manifest.json").read_bytes()
     hashes = {p.name: sha256_file(p) for p in out.rglob("*") if p.is_file()}
     # Killed after the first model of the new bundle was written and hashed.
-    kill_during("nonn.students.export", "sha256_file", ["export", "--students", str(students), "--out", str(out)], tmp_path / "marker")
+    kill_during("nonn.students.export", "sha256_file", ["export", "--students", str(students), "--out", str(out), "--overwrite"], tmp_path / "marker")
     assert (out / "manifest.json").read_bytes() == manifest
     assert {p.name: sha256_file(p) for p in out.rglob("*") if p.is_file()} == hashes
     assert verify_bundle(out) == []

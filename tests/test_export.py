@@ -243,7 +243,7 @@ def test_cli_export_verify_plan_from_a_trained_checkpoint(tmp_path: Path, capsys
     assert bundle.teacher is not None and bundle.teacher.arch["name"] == "cnn-small"
     assert bundle.quantization["calibration_images"] == 32 and bundle.quantization["eval_images"] == 48
     assert main(["bundle", "verify", str(out)]) == 0
-    assert main(["plan", "--bundle", str(out), "--devices", "rpi3b+:2"]) == 0
+    assert main(["plan", "--bundle", str(out), "--fleet", "rpi3b+:2"]) == 0
     assert "model-parallel/NoNN" in capsys.readouterr().out
     # Bad input: the error names the value and what was expected.
     assert main(["export", "--students", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 2

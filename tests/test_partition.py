@@ -213,7 +213,7 @@ def test_cli_partition_from_fan(tmp_path, capsys):
     np.save(fan_path, planted_fan(blocks=4, size=8))
     out = tmp_path / "partition.json"
     png = tmp_path / "fan.png"
-    argv = ["partition", "--fan", str(fan_path), "--students", "4", "--percentile", "80",
+    argv = ["partition", "--fan", str(fan_path), "-K", "4", "--percentile", "80",
             "--resolution", "1.0", "--seed", "3", "--out", str(out), "--plot", str(png)]
     assert main(argv) == 0
     printed = capsys.readouterr().out

@@ -196,12 +196,12 @@ def test_infeasible_plans_name_the_student_and_shortfall() -> None:
 def test_cli_plan_and_simulation_hook(tmp_path: Path, capsys) -> None:
     bundle = make_bundle()
     bundle.save(tmp_path / "b")
-    assert main(["plan", "--bundle", str(tmp_path / "b"), "--devices", "rpi3b+:4", "--json", str(tmp_path / "plan.json")]) == 0
+    assert main(["plan", "--bundle", str(tmp_path / "b"), "--fleet", "rpi3b+:4", "--out", str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out
     assert "student_3" in out and "latency (ms)" in out
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["format"] == "nonn.plan/2" and len(saved["devices"]) == 4
-    assert main(["plan", "--bundle", str(tmp_path / "b"), "--devices", "rpi3b+:2"]) == 2
+    assert main(["plan", "--bundle", str(tmp_path / "b"), "--fleet", "rpi3b+:2"]) == 2
     assert "fewer devices than students" in capsys.readouterr().err
     est = simulation_estimates(tmp_path / "b", [{"name": "rpi3b+"}] * 4)
     assert est is not None and est["comparison"][0]["metric"] == "memory per device"

@@ -266,7 +266,7 @@ def test_cli_simulate_with_a_fault_writes_json_and_html(cli_inputs, capsys):
 
     root = cli_inputs
     code = main([
-        "simulate", "--bundle", str(root / "bundle"), "--devices", "tiny:2", "--profiles", str(root / "profiles.json"),
+        "simulate", "--bundle", str(root / "bundle"), "--fleet", "tiny:2", "--profiles", str(root / "profiles.json"),
         "--dataset", str(root / "data.npz"), "--requests", "30", "--concurrency", "2", "--rate", "60",
         "--kill", "1@0.3:0.2", "--until-faults-end", "--recovery", "0.3", "--network", "delay", "--no-progress",
         "--teacher-predictions", str(root / "teacher.npy"),
@@ -292,7 +292,7 @@ def test_cli_simulate_places_students_as_plan_does(cli_inputs, tmp_path, capsys)
     from nonn.devices.plan_file import load_plan
 
     root = cli_inputs
-    common = ["--bundle", str(root / "bundle"), "--devices", "tiny,slow", "--profiles", str(root / "profiles.json")]
+    common = ["--bundle", str(root / "bundle"), "--fleet", "tiny,slow", "--profiles", str(root / "profiles.json")]
     assert main(["plan", *common, "--out", str(tmp_path / "plan.json")]) == 0
     planned = load_plan(tmp_path / "plan.json")
     planned_profiles = [planned.device(planned.devices_of(s)[0]).profile for s in ("student_0", "student_1")]
@@ -309,13 +309,13 @@ def test_cli_simulate_places_students_as_plan_does(cli_inputs, tmp_path, capsys)
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--devices", "tiny:1"], "gives 1 device(s) where at least 2 are needed"),
-        (["--devices", "tiny:2", "--replicas", "2"], "gives 2 device(s) where at least 4 are needed"),
-        (["--devices", "tiny:2", "--slow", "1@0:0.5"], "a slowdown factor above 1"),
-        (["--devices", "tiny:2", "--slow", "2@0:4"], "--slow 2@0:4: device 2 does not exist"),
-        (["--devices", "tiny:2", "--kill", "5@1"], "device 5 does not exist"),
-        (["--devices", "tiny:2", "--kill", "1at2"], "expected DEVICE@SECONDS"),
-        (["--devices", "nosuch:2"], "unknown device profile 'nosuch'"),
+        (["--fleet", "tiny:1"], "gives 1 device(s) where at least 2 are needed"),
+        (["--fleet", "tiny:2", "--replicas", "2"], "gives 2 device(s) where at least 4 are needed"),
+        (["--fleet", "tiny:2", "--slow", "1@0:0.5"], "a slowdown factor above 1"),
+        (["--fleet", "tiny:2", "--slow", "2@0:4"], "--slow 2@0:4: device 2 does not exist"),
+        (["--fleet", "tiny:2", "--kill", "5@1"], "device 5 does not exist"),
+        (["--fleet", "tiny:2", "--kill", "1at2"], "expected DEVICE@SECONDS"),
+        (["--fleet", "nosuch:2"], "unknown device profile 'nosuch'"),
     ],
 )
 def test_cli_simulate_rejects_bad_arguments(cli_inputs, capsys, extra, message):
@@ -343,7 +343,7 @@ def test_cli_simulate_runs_the_teacher_for_agreement(tmp_path, capsys):
     make_bundle(tmp_path / "bundle", feature_sizes=(2, 2), input_shape=(1, 8, 8))
     (tmp_path / "profiles.json").write_text(json.dumps(TINY_PROFILES))
     code = main([
-        "simulate", "--bundle", str(tmp_path / "bundle"), "--devices", "tiny", "--profiles", str(tmp_path / "profiles.json"),
+        "simulate", "--bundle", str(tmp_path / "bundle"), "--fleet", "tiny", "--profiles", str(tmp_path / "profiles.json"),
         "--dataset", str(data), "--requests", "0", "--network", "none", "--no-progress",
         "--teacher", str(teacher_path), "--json", str(tmp_path / "sim.json"),
     ])  # fmt: skip

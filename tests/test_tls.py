@@ -88,12 +88,12 @@ def test_cli_infer_over_mutual_tls(bundle, certs, tmp_path, capsys):
         images = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
         np.save(tmp_path / "x.npy", images)
         base = ["infer", "--bundle", str(bundle.root), "--devices", ",".join(s.address for s in servers),
-                "--input", str(tmp_path / "x.npy"), "--json", "--tls-ca", str(certs["ca"])]  # fmt: skip
-        assert main(base + ["--tls-cert", str(certs["client"]), "--tls-key", str(certs["client_key"])]) == 0
+                "--input", str(tmp_path / "x.npy"), "--json", "--device-tls-ca", str(certs["ca"])]  # fmt: skip
+        assert main(base + ["--device-tls-cert", str(certs["client"]), "--device-tls-key", str(certs["client_key"])]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["degraded_batches"] == 0 and len(report["predictions"]) == 3
-        assert main(base + ["--tls-cert", str(certs["client"])]) == 2
-        assert "--tls-cert and --tls-key go together" in capsys.readouterr().err
+        assert main(base + ["--device-tls-cert", str(certs["client"])]) == 2
+        assert "--device-tls-cert and --device-tls-key go together" in capsys.readouterr().err
     finally:
         for server in servers:
             server.stop(0)

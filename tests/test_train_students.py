@@ -111,7 +111,7 @@ def test_resume_with_different_settings_is_refused_and_nothing_overwritten(files
 def test_bad_inputs_give_clear_errors(files, tmp_path):
     out = tmp_path / "never.pt"
     # K that disagrees with the partition
-    with pytest.raises(ValueError, match="--students 3 disagrees"):
+    with pytest.raises(ValueError, match="--num-students 3 disagrees"):
         train_students(config(files, out, num_students=3))
     # groups that do not match the teacher layer's channels
     wide = make_partition(tmp_path / "wide.json", files["teacher"], groups=((0, 1), (2, 12)), num_filters=16)
@@ -168,7 +168,7 @@ def test_cli_train_and_evaluate(files, tmp_path, capsys):
     out = tmp_path / "cli.pt"
     args = ["train-students", "--teacher", str(files["teacher"]), "--partition", str(files["partition"]),
             "--dataset", str(files["data"]), "--arch", STUDENT, "--epochs", "1", "--batch-size", "16", "--beta", "10",
-            "--device", "cpu", "--out", str(out), "--no-progress", "--students", "2"]
+            "--device", "cpu", "--out", str(out), "--no-progress", "--num-students", "2"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"train-students: wrote {out} (2 student(s)") and "ensemble test accuracy" in printed
@@ -180,5 +180,5 @@ def test_cli_train_and_evaluate(files, tmp_path, capsys):
     assert set(report["missing_one"]) == {"student_0", "student_1"}
     assert "ensemble accuracy" in capsys.readouterr().out
     # A wrong K is a user error (exit 2) naming the value.
-    assert main(args[:-2] + ["--students", "5", "--overwrite"]) == 2
-    assert "--students 5 disagrees" in capsys.readouterr().err
+    assert main(args[:-2] + ["--num-students", "5", "--overwrite"]) == 2
+    assert "--num-students 5 disagrees" in capsys.readouterr().err

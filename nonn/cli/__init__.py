@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 from nonn import __version__
+from nonn.cli.vocabulary import apply_vocabulary
 
 # Modules under nonn.cli that contribute sub-commands, in --help order.
 COMMAND_MODULES = ("teacher", "partition", "students", "export", "runtime", "fleet", "deploy", "demo")
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
+    apply_vocabulary(parser)
     return parser
 
 
@@ -66,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Our own messages at INFO; other libraries' (exporters, gRPC) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("nonn").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from nonn.cli.deprecation import log_deprecations
+
+    log_deprecations(args)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 
+# The two ways a command names devices: profiles to place students on, or running servers.
+FLEET_METAVAR = "PROFILE[:COUNT],..."
+DEVICES_METAVAR = "HOST:PORT,..."
+
 DATASET_HELP = (
     "data set: digits (bundled with scikit-learn), mnist, fashion-mnist, cifar10, cifar100, "
     "a path to an .npz file with arrays x (N,H,W[,C] or N,C,H,W) and y (N,), or an image folder "
@@ -127,6 +131,26 @@ def add_transport_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
         help="how the aggregator calls the devices: one ModelStreamInfer stream each (cheaper per request), "
         "ModelInfer calls, or auto: stream where the device offers it (default: auto)",
     )  # fmt: skip
+
+
+def add_json_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "report") -> None:
+    """--json [FILE]: the command's result as JSON, to FILE, or on stdout instead of the text."""
+    parser.add_argument(
+        "--json", nargs="?", const="-", default=None, metavar="FILE",
+        help=f"write the {what} as JSON to FILE; with no FILE (or -), print it on stdout instead of the text",
+    )  # fmt: skip
+
+
+def emit_json(path: str, obj: object) -> None:
+    """Write `obj` as the --json flag asks: '-' prints it, anything else is a file written atomically."""
+    if path == "-":
+        import json
+
+        print(json.dumps(obj, indent=2))
+    else:
+        from nonn.artifacts import atomic_write_json
+
+        atomic_write_json(path, obj)
 
 
 def add_seed_arg(parser: argparse.ArgumentParser, default: int = 0) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 
 from nonn.cli import CLIError
 from nonn.runtime.traffic import describe
-from nonn.cli.common import add_seed_arg, non_negative_int, positive_int
+from nonn.cli.common import FLEET_METAVAR, add_seed_arg, non_negative_int, positive_int
+from nonn.cli.deprecation import add_alias
 
 EPILOG = """\
 examples:
@@ -77,8 +78,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="nonn-demo", help="directory for every artifact (default: nonn-demo)")
     p.add_argument("--dataset", default="digits", choices=sorted(PRESETS), help="data set (default: digits)")
     p.add_argument("--data-dir", default=None, help="directory of the data set's files (default: its standard location)")
-    p.add_argument("--students", type=positive_int, default=4, help="number of students / devices K (default: 4)")
-    p.add_argument("--devices", default=None, help="device profiles to simulate (default: rpi3b+:K)")
+    p.add_argument("-K", "--num-students", type=positive_int, default=4, help="number of students / devices K (default: 4)")
+    add_alias(p, "--students", "-K/--num-students", dest="num_students", type=positive_int)
+    p.add_argument("--fleet", default=None, metavar=FLEET_METAVAR, help="device profiles to simulate (default: rpi3b+:K)")
+    add_alias(p, "--devices", "--fleet", dest="fleet")
     p.add_argument("--teacher", default=None, help="reuse this teacher checkpoint instead of training one")
     p.add_argument("--teacher-epochs", type=positive_int, default=None, help="teacher epochs (default: the data set's preset)")
     p.add_argument("--student-epochs", type=positive_int, default=None, help="student epochs (default: the data set's preset)")
@@ -153,13 +156,13 @@ def run_demo(
         _stage(
             "1/6 train the teacher",
             ["train-teacher", *data, "--arch", preset.teacher_arch, "--epochs", str(epochs),
-             "--out", str(paths["teacher"]), "--log", str(out / "teacher.jsonl"), "--overwrite", *seed_args],
+             "--out", str(paths["teacher"]), "--metrics", str(out / "teacher.jsonl"), "--overwrite", *seed_args],
             result, "teacher",
         )
     if wanted("partition"):
         _stage(
             "2/6 partition the teacher's final-layer filters",
-            ["partition", "--teacher", str(paths["teacher"]), *data, "--students", str(students),
+            ["partition", "--teacher", str(paths["teacher"]), *data, "--num-students", str(students),
              "--out", str(paths["partition"]), "--plot", str(paths["fan_plot"]), *seed_args],
             result, "partition",
         )
@@ -174,11 +177,11 @@ def run_demo(
             result, "students",
         )
     if wanted("bundle"):
-        _stage("4/6 export the ONNX bundle", ["export", "--students", str(paths["students"]), "--out", str(paths["bundle"])],
+        _stage("4/6 export the ONNX bundle", ["export", "--students", str(paths["students"]), "--out", str(paths["bundle"]), "--overwrite"],
                result, "export")
-    _stage("5/6 plan the placement", ["plan", "--bundle", str(paths["bundle"]), "--devices", devices, "--out", str(paths["plan"])],
+    _stage("5/6 plan the placement", ["plan", "--bundle", str(paths["bundle"]), "--fleet", devices, "--out", str(paths["plan"])],
            result, "plan")
-    sim = ["simulate", "--bundle", str(paths["bundle"]), "--devices", devices, *data,
+    sim = ["simulate", "--bundle", str(paths["bundle"]), "--fleet", devices, *data,
            "--requests", str(preset.requests if requests is None else requests),
            "--teacher", str(paths["teacher"]), "--json", str(paths["simulation"]), "--report", str(paths["report"]), *seed_args]
     if fault and preset.kill:
@@ -239,8 +242,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         args.out,
         dataset=args.dataset,
         data_dir=args.data_dir,
-        students=args.students,
-        devices=args.devices,
+        students=args.num_students,
+        devices=args.fleet,
         teacher=args.teacher,
         teacher_epochs=args.teacher_epochs,
         student_epochs=args.student_epochs,

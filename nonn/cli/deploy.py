@@ -7,6 +7,7 @@ from pathlib import Path
 
 from nonn.cli import CLIError
 from nonn.cli.common import positive_float, positive_int
+from nonn.cli.deprecation import add_alias
 
 # nonn.deploy.spec's defaults, repeated so that building the parser imports nothing.
 DEFAULT_BUNDLE_PATH = "/opt/nonn/bundle"
@@ -21,7 +22,7 @@ targets:
   triton   a Triton model repository serving the whole ensemble on one server
 
 example:
-  nonn plan --bundle runs/bundle --devices rpi4b:4 --out runs/plan.json
+  nonn plan --bundle runs/bundle --fleet rpi4b:4 --out runs/plan.json
   nonn deploy image --bundle runs/bundle --plan runs/plan.json --out deploy/image --image registry.local/nonn
   nonn deploy k8s --bundle runs/bundle --plan runs/plan.json --out deploy/k8s --image registry.local/nonn \\
       --nodes pi-a,pi-b,pi-c,pi-d
@@ -38,7 +39,8 @@ def _common(p: argparse.ArgumentParser, plan: bool = True) -> None:
 
 def _fleet(p: argparse.ArgumentParser, tls: bool = True) -> None:
     g = p.add_argument_group("fleet")
-    g.add_argument("--fleet", default="nonn", help="name prefix of every object/unit, so several fleets can coexist (default: nonn)")
+    g.add_argument("--fleet-name", default="nonn", metavar="NAME", help="name prefix of every object/unit, so several fleets can coexist (default: nonn)")
+    add_alias(g, "--fleet", "--fleet-name", dest="fleet_name")
     g.add_argument("--bundle-path", default=DEFAULT_BUNDLE_PATH, help=f"where the bundle is on a device or in a container (default: {DEFAULT_BUNDLE_PATH})")
     g.add_argument("--port", type=positive_int, default=DEFAULT_PORT, help=f"students' gRPC port (default: {DEFAULT_PORT})")
     g.add_argument("--aggregator-port", type=positive_int, default=DEFAULT_AGGREGATOR_PORT, help=f"aggregator's gRPC port (default: {DEFAULT_AGGREGATOR_PORT})")
@@ -125,7 +127,7 @@ def _spec(args: argparse.Namespace, hosts_from_nodes: bool = False):
     plan.check_bundle(bundle, source=f"--plan {args.plan}")
     nodes = parse_nodes(getattr(args, "nodes", None), plan)
     options = DeployOptions(
-        fleet=args.fleet, nodes=nodes, bundle_path=args.bundle_path, port=args.port, aggregator_port=args.aggregator_port,
+        fleet=args.fleet_name, nodes=nodes, bundle_path=args.bundle_path, port=args.port, aggregator_port=args.aggregator_port,
         memory_headroom=args.memory_headroom, tls=getattr(args, "tls", "none"), max_batch=args.max_batch,
     )  # fmt: skip
     hosts = None

@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from nonn.cli.common import add_data_args, non_negative_int, positive_int
+from nonn.cli import CLIError
+from nonn.cli.common import FLEET_METAVAR, add_data_args, non_negative_int, positive_int
+from nonn.cli.deprecation import add_alias, add_retired_switch
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "checked against PyTorch with ONNX Runtime; the bundle is written atomically.",
     )
     p.add_argument("--students", required=True, help="students checkpoint (nonn.students/1) from `nonn train-students`")
-    p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
+    p.add_argument("--out", required=True, help="bundle directory to write (atomically; an existing one is refused without --overwrite)")
     p.add_argument("--quantize", choices=["int8"], default=None, help="static int8 quantization of the students, calibrated on training images")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's default, at least 17)")
     p.add_argument("--calibration-images", type=positive_int, default=256, help="training images for int8 calibration (default: 256)")
@@ -30,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "of the bytes), or fp32, normalised floats (default: uint8)")
     p.add_argument("--out-of-range", choices=("error", "warn"), default="error",
                    help="clients given float pixels outside [0, 1]: refuse them, or warn and clip (default: error)")
-    p.add_argument("--no-overwrite", action="store_true", help="fail if --out exists instead of replacing it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out instead of refusing")
+    add_retired_switch(p, "--no-overwrite", "export refuses an existing --out unless --overwrite is given")
     p.set_defaults(func=_export)
 
     b = subparsers.add_parser("bundle", help="inspect a deployment bundle")
@@ -54,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "teacher. --out writes plan.json, which `nonn deploy` reads.",
     )
     pl.add_argument("--bundle", required=True, help="bundle directory from `nonn export`")
-    pl.add_argument("--devices", required=True, help="device list, e.g. rpi3b+:4 or rpi4b,jetson-nano (names from the profiles)")
+    pl.add_argument("--fleet", default=None, metavar=FLEET_METAVAR, help="the devices to place the students on, as profile names: "
+                    "e.g. rpi3b+:4 or rpi4b,jetson-nano (required)")
+    add_alias(pl, "--devices", "--fleet", dest="fleet")
     pl.add_argument("--profiles", default=None, help="JSON file of extra or overriding device profiles")
     pl.add_argument("--aggregator", default=None, help="profile of the node that runs the head (default: the first device's kind)")
     pl.add_argument(
@@ -65,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pl.add_argument("--replicas", type=positive_int, default=1,
                     help="devices per student (default: 1); spare devices take the extra copies")
-    pl.add_argument("--out", "--json", dest="out", default=None, metavar="PLAN_JSON",
+    add_alias(pl, "--json", "--out", dest="out")
+    pl.add_argument("--out", default=None,
                     help="write the plan (nonn.plan/2: placement, device order, estimates, the bundle's manifest sha256) here, e.g. plan.json")
     pl.set_defaults(func=_plan)
 
@@ -73,6 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from nonn.students.export import export_from_checkpoint
 
+    if Path(args.out).exists() and not args.overwrite:
+        raise CLIError(f"{args.out} already exists: pass --overwrite to replace it")
     bundle = export_from_checkpoint(
         args.students,
         args.out,
@@ -86,7 +94,7 @@ def _export(args: argparse.Namespace) -> int:
         calibration_count=args.calibration_images,
         parity_count=args.parity_images,
         eval_count=args.eval_images,
-        overwrite=not args.no_overwrite,
+        overwrite=args.overwrite,
         progress=True,
     )
     from nonn.runtime.bundle import summarize
@@ -142,8 +150,10 @@ def _plan(args: argparse.Namespace) -> int:
     from nonn.devices.profiles import load_profiles, parse_device_list
     from nonn.runtime.bundle import Bundle
 
+    if args.fleet is None:
+        raise CLIError(f"plan needs the devices: --fleet {FLEET_METAVAR}, e.g. --fleet rpi3b+:4")
     profiles = load_profiles(args.profiles)
-    devices = parse_device_list(args.devices, profiles)
+    devices = parse_device_list(args.fleet, profiles)
     aggregator = None
     if args.aggregator is not None:
         named = parse_device_list(args.aggregator, profiles)

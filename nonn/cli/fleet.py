@@ -9,15 +9,19 @@ from typing import Any, Sequence
 
 from nonn.cli import CLIError
 from nonn.cli.common import (
+    FLEET_METAVAR,
     add_data_args,
+    add_json_arg,
     add_normalize_arg,
     add_seed_arg,
+    emit_json,
     add_transport_arg,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
 )
+from nonn.cli.deprecation import add_alias
 
 SIMULATE_EPILOG = """\
 faults (--kill, repeatable):
@@ -33,7 +37,7 @@ faults (--kill, repeatable):
                             puts latency and throughput side by side
 
 replicas (--replicas R):
-  each student on R devices (--devices then lists R devices per student, each student's in a
+  each student on R devices (--fleet then lists R devices per student, each student's in a
   row); a request goes to the healthiest replica, and also to a second one when the first has
   not answered within its usual time (--no-hedge: only when the first fails). Device indices
   in --kill and --slow count every device: student k's replicas are k*R .. k*R+R-1.
@@ -48,7 +52,7 @@ network (--network):
   none   plain loopback
 
 example:
-  nonn simulate --bundle runs/bundle --devices rpi3b+:4 --dataset fashion-mnist \\
+  nonn simulate --bundle runs/bundle --fleet rpi3b+:4 --dataset fashion-mnist \\
       --requests 2000 --concurrency 8 --kill 1@2:3 --until-faults-end --json sim.json --report sim.html
 """
 
@@ -68,11 +72,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--bundle", required=True, help="bundle directory from `nonn export`")
     s.add_argument(
-        "--devices",
-        required=True,
-        help="device profiles, at least one per student: NAME[:COUNT],... e.g. rpi3b+:4 or rpi4b,rpi3b+:3 "
+        "--fleet",
+        default=None,
+        metavar=FLEET_METAVAR,
+        help="(required) device profiles, at least one per student: NAME[:COUNT],... e.g. rpi3b+:4 or rpi4b,rpi3b+:3 "
         "(a single profile name is used for every student); students are placed on them as `nonn plan` places them",
     )
+    add_alias(s, "--devices", "--fleet", dest="fleet")
     s.add_argument("--profiles", default=None, help="extra device profile file (nonn.devices/1 JSON) to add or override profiles")
     add_data_args(s, fallback="the data set the bundle records")
     s.add_argument("--split", choices=("test", "train"), default="test", help="which split to stream (default: test)")
@@ -117,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     teacher.add_argument("--weights", default=None, help="weights for --teacher-factory")
     add_normalize_arg(teacher, "what the teacher checkpoint records, else the bundle's input contract")
     out = s.add_argument_group("output")
-    out.add_argument("--json", default=None, metavar="FILE", help="write the JSON report here")
+    add_json_arg(out)
     out.add_argument("--report", default=None, metavar="FILE", help="write the HTML report (with plots) here")
     out.add_argument("--log-dir", default=None, help="keep the device servers' logs in this directory")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -135,7 +141,7 @@ def resolve_devices(devices: str, num_devices: int, profiles_file: str | None = 
         resolved = resolved * num_devices
     if len(resolved) < num_devices:
         raise CLIError(
-            f"--devices {devices!r} gives {len(resolved)} device(s) where at least {num_devices} are needed (one per "
+            f"--fleet {devices!r} gives {len(resolved)} device(s) where at least {num_devices} are needed (one per "
             f"student and replica); e.g. {resolved[0].name}:{num_devices}"
         )
     return resolved
@@ -213,7 +219,7 @@ def run_simulation(
     import numpy as np
 
     from nonn.devices.planner import place_replicas
-    from nonn.devices.report import build_report, format_table, write_html, write_json
+    from nonn.devices.report import build_report, format_table, write_html
     from nonn.devices.simulate import SimulationConfig, parse_faults, parse_slowdowns, simulate
     from nonn.runtime.bundle import Bundle
     from nonn.students.data import resolve_data
@@ -257,11 +263,11 @@ def run_simulation(
         )
     result = simulate(loaded.root, profiles, images, labels, teacher_classes, config, log_dir=log_dir)
     report = build_report(result, dataset=data.name)
-    if echo:
+    if echo and str(json_path) != "-":
         print(format_table(report))
     if json_path:
-        write_json(report, json_path)
-        if echo:
+        emit_json(str(json_path), report)
+        if echo and str(json_path) != "-":
             print(f"JSON report: {json_path}")
     if report_path:
         write_html(report, report_path)
@@ -293,9 +299,11 @@ def _simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
+    if args.fleet is None:
+        raise CLIError(f"simulate needs the devices: --fleet {FLEET_METAVAR}, e.g. --fleet rpi3b+:4")
     run_simulation(
         args.bundle,
-        args.devices,
+        args.fleet,
         args.dataset,
         data_dir=args.data_dir,
         image_size=args.image_size,

@@ -19,14 +19,16 @@ from nonn.cli.common import (
     positive_int,
     summary_line,
 )
+from nonn.cli.deprecation import add_alias
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     fan = subparsers.add_parser(
         "fan",
         help="build the Filter Activation Network from an activation matrix",
-        description="Build the Filter Activation Network (FAN) of NONN.md section 1 from an "
-        "(images x filters) array of spatially averaged activations, and save it as a "
+        description="Build the Filter Activation Network (FAN) from an (images x filters) array of "
+        "spatially averaged activations: for every image, each pair (i, j) of its --top-k most active filters "
+        "adds a_i * a_j * |a_i - a_j| (a: the image's activations after ReLU, divided by their maximum); the sum over images is saved as a "
         "(filters x filters) float64 .npy.",
     )
     fan.add_argument("--activations", required=True, help="(images x filters) .npy file")
@@ -74,7 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_torch_device_arg(part)
     add_workers_arg(part)
     part.add_argument("--top-k", type=int, default=50, help="filters kept per image in the FAN (default: 50)")
-    part.add_argument("--students", "-K", type=int, required=True, help="number of students K (2..filters)")
+    part.add_argument("-K", "--num-students", type=int, default=None, help="number of students K (2..filters); required")
+    add_alias(part, "--students", "-K/--num-students", dest="num_students", type=int)
     part.add_argument(
         "--strategy",
         choices=("balanced", "paper"),
@@ -96,7 +99,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     part.add_argument("--fan-out", help="where to save the computed FAN (default: fan.npy beside --out)")
     part.add_argument(
         "--activations-out",
-        metavar="NPY",
         help="also save the (images x filters) activations, e.g. to try other --top-k with `nonn fan`",
     )
     part.add_argument("--plot", metavar="PNG", help="also draw the FAN graph and group sizes to this PNG")
@@ -191,6 +193,8 @@ def run_partition(args: argparse.Namespace) -> int:
     from nonn.partition.api import partition_fan
 
     started = time.perf_counter()
+    if args.num_students is None:
+        raise CLIError("partition needs the number of students: -K/--num-students K")
     written = [args.out]
     if args.fan:
         if args.weights:
@@ -207,7 +211,7 @@ def run_partition(args: argparse.Namespace) -> int:
     try:
         partition = partition_fan(
             fan,
-            args.students,
+            args.num_students,
             strategy=args.strategy,
             resolution=args.resolution,
             percentile=args.percentile,

@@ -6,7 +6,6 @@ Neither command needs torch: both run on a device with only numpy, onnxruntime a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -14,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from nonn.cli import CLIError
-from nonn.cli.common import add_transport_arg, non_negative_float, non_negative_int, positive_float, positive_int
+from nonn.cli.deprecation import add_alias
+from nonn.cli.common import DEVICES_METAVAR, add_json_arg, add_transport_arg, emit_json, non_negative_float, non_negative_int, positive_float, positive_int
 
 log = logging.getLogger("nonn.serve")
 
@@ -23,7 +23,7 @@ DEFAULT_MAX_STREAMS = 8  # nonn.runtime.server.DEFAULT_MAX_STREAMS, without impo
 
 
 def _add_aggregator_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, max_batch: bool = True) -> None:
-    p.add_argument("--devices", default=None, help="one host:port per student, in student order, comma-separated "
+    p.add_argument("--devices", default=None, metavar=DEVICES_METAVAR, help="(required) one host:port per student, in student order, comma-separated "
                    "(with --replicas R: R per student, each student's replicas in a row)")
     p.add_argument("--replicas", type=positive_int, default=1, help="devices serving each student (default: 1); a request "
                    "goes to the healthiest one, and to a second one when the first is slower than usual")
@@ -38,11 +38,18 @@ def _add_aggregator_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, m
         p.add_argument("--max-batch", type=positive_int, default=64, help="largest batch per request (default: 64)")
 
 
-def _add_client_tls_args(p: argparse.ArgumentParser, prefix: str, who: str) -> None:
-    p.add_argument(f"--{prefix}-ca", default=None, help=f"CA certificate (PEM) that the {who}' certificates must chain to; turns on TLS")
-    p.add_argument(f"--{prefix}-cert", default=None, help=f"client certificate (PEM) presented to the {who} (mutual TLS)")
-    p.add_argument(f"--{prefix}-key", default=None, help="private key (PEM) of that client certificate")
-    p.add_argument(f"--{prefix}-server-name", default=None, help="name to check in the servers' certificates instead of the host")
+def _add_device_tls_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, old_prefix: str | None = None) -> None:
+    """--device-tls-*: how this process, as a client, talks TLS to the student devices.
+
+    (--tls-* always describe a server's own endpoint, as in `nonn serve`.)
+    """
+    p.add_argument("--device-tls-ca", default=None, help="CA certificate (PEM) that the devices' certificates must chain to; turns on TLS")
+    p.add_argument("--device-tls-cert", default=None, help="client certificate (PEM) presented to the devices (mutual TLS)")
+    p.add_argument("--device-tls-key", default=None, help="private key (PEM) of that client certificate")
+    p.add_argument("--device-tls-server-name", default=None, help="name to check in the devices' certificates instead of the host")
+    if old_prefix:
+        for field in ("ca", "cert", "key", "server-name"):
+            add_alias(p, f"--{old_prefix}-{field}", f"--device-tls-{field}", dest=f"device_tls_{field.replace('-', '_')}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     agg = s.add_argument_group("ensemble (--aggregate)")
     _add_aggregator_args(agg, max_batch=False)
     agg.add_argument("--coalesce", type=positive_int, default=1, help="merge requests that queue up under load into one device call of up to N images (default: 1, off)")
-    _add_client_tls_args(agg, "device-tls", "devices")
+    _add_device_tls_args(agg)
     s.set_defaults(func=_serve)
 
     i = subparsers.add_parser(
@@ -98,9 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the .npy/.npz input is already what the students take (normalised floats for a bundle exported "
                         "with --input fp32), so the input contract is not applied")
     i.add_argument("--batch-size", type=positive_int, default=32, help="images per request (default: 32)")
-    i.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json_arg(i, "result")
     _add_aggregator_args(i)
-    _add_client_tls_args(i, "tls", "devices")
+    _add_device_tls_args(i, old_prefix="tls")
     i.set_defaults(func=_infer)
 
 
@@ -249,7 +256,7 @@ def _infer(args: argparse.Namespace) -> int:
     errors: dict[str, str] = {}
     with Aggregator(
         bundle, args.devices, deadline_s=args.deadline, retries=args.retries, strict=args.strict,
-        tls=_client_tls(args, "tls"), max_batch=args.max_batch, transport=args.transport,
+        tls=_client_tls(args, "device_tls"), max_batch=args.max_batch, transport=args.transport,
         replicas=args.replicas, hedge=not args.no_hedge,
     ) as aggregator:  # fmt: skip
         try:
@@ -259,7 +266,7 @@ def _infer(args: argparse.Namespace) -> int:
             raise CLIError(f"a device serves another model than the bundle names: {exc}") from None
         started = time.monotonic()
         starts = range(0, len(images), args.batch_size)
-        for start in tqdm(starts, desc="infer", unit="batch", disable=args.json or len(starts) < 2, file=sys.stderr):
+        for start in tqdm(starts, desc="infer", unit="batch", disable=args.json == "-" or len(starts) < 2, file=sys.stderr):
             try:
                 result = aggregator.infer_sync(batch_of(start))
             except AggregationError as exc:
@@ -304,8 +311,9 @@ def _infer(args: argparse.Namespace) -> int:
         "device_events": events,
     }
     if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
+        emit_json(args.json, report)
+        if args.json == "-":
+            return 0
     shown = min(n_images, 20)
     for index in range(shown):
         line = f"{index:5d}  {report['labels'][index]}"

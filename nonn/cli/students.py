@@ -9,15 +9,18 @@ import time
 
 from nonn.cli.common import (
     add_data_args,
+    add_json_arg,
     add_normalize_arg,
     add_precision_arg,
     add_seed_arg,
     add_torch_device_arg,
     add_workers_arg,
     default_workers,
+    emit_json,
     positive_int,
     summary_line,
 )
+from nonn.cli.deprecation import add_alias
 
 TRAIN_EPILOG = """\
 examples:
@@ -65,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--arch", default="wrn-16-1",
                        help="student backbone for every student, or a comma list with one per student; options as "
                             "NAME:key=value, e.g. wrn-10-1:width=8 (default: wrn-16-1)")
-    train.add_argument("--students", type=positive_int, default=None, help="expected number of students K (checked against the partition)")
+    train.add_argument("-K", "--num-students", type=positive_int, default=None, help="expected number of students K (checked against the partition)")
+    add_alias(train, "--students", "-K/--num-students", dest="num_students", type=positive_int)
     train.add_argument("--epochs", type=positive_int, default=10, help="epochs (default: 10)")
     train.add_argument("--batch-size", type=positive_int, default=128, help="global mini-batch size (default: 128)")
     train.add_argument("--lr", type=float, default=0.05, help="initial SGD learning rate (default: 0.05)")
@@ -120,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=None,
                           help="also report each pair of students missing (default: when K >= 4)")
     add_torch_device_arg(evaluate)
-    evaluate.add_argument("--json", default=None, help="also write the figures as JSON to this file ('accuracy' is a fraction)")
+    add_json_arg(evaluate, "figures ('accuracy' is a fraction)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=run_evaluate)
 
@@ -149,7 +153,7 @@ def run_train_students(args: argparse.Namespace) -> int:
         normalize=None if args.normalize is None else str(args.normalize),
         force=args.force,
         arch=args.arch,
-        num_students=args.students,
+        num_students=args.num_students,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -190,7 +194,6 @@ def run_train_students(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from nonn.artifacts import atomic_write_json
     from nonn.students.evaluate import evaluate_students
 
     report = evaluate_students(
@@ -208,7 +211,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         pairs=args.pairs,
         progress=not args.no_progress,
     )
-    print(report.summary())
+    if args.json != "-":
+        print(report.summary())
     if args.json:
-        atomic_write_json(args.json, report.to_dict())
+        emit_json(args.json, report.to_dict())
     return 0

@@ -18,11 +18,12 @@ from nonn.cli.common import (
     positive_int,
     summary_line,
 )
+from nonn.cli.deprecation import add_alias
 
 TRAIN_EPILOG = """\
 examples:
   nonn train-teacher --dataset fashion-mnist --arch wrn-16-2 --epochs 30 --out runs/fmnist/teacher.pt \\
-      --log runs/fmnist/teacher.jsonl
+      --metrics runs/fmnist/teacher.jsonl
   # after a crash or kill, the same command with --resume continues exactly where it stopped
   nonn train-teacher --dataset fashion-mnist --arch wrn-16-2 --epochs 30 --out runs/fmnist/teacher.pt --resume
   nonn train-teacher --dataset digits --arch cnn-small --epochs 2 --limit 256 --out /tmp/t.pt --overwrite
@@ -60,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="checkpoint file to write (e.g. runs/fmnist/teacher.pt)")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out (same settings required)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out instead of refusing")
-    train.add_argument("--log", default=None, help="JSON-lines file with one record per epoch")
+    train.add_argument("--metrics", default=None, help="JSON-lines metrics file, one record per epoch (default: none)")
+    add_alias(train, "--log", "--metrics", dest="metrics")
     train.add_argument("--limit", type=positive_int, default=None, help="use only the first N images of each split (quick trials)")
     train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     add_workers_arg(train)
@@ -93,7 +95,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
         normalize=str(args.normalize or "dataset"), arch=args.arch, arch_kwargs=arch_kwargs, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         nesterov=args.nesterov, schedule=args.schedule, seed=args.seed, device=args.device, precision=args.precision, out=args.out,
-        resume=args.resume, overwrite=args.overwrite, log=args.log, limit=args.limit, threads=args.threads,
+        resume=args.resume, overwrite=args.overwrite, log=args.metrics, limit=args.limit, threads=args.threads,
         workers=default_workers(args.workers), progress=not args.no_progress,
     )
     checkpoint = train_teacher(config)
