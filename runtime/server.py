@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Sequence
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nonn.artifacts import atomic_write_json
 from nonn.runtime.backends import DEFAULT_MAX_BATCH, BackendUnavailable, InferOutput, ModelBackend, OnnxBackend
 from nonn.runtime.codec import bytes_per_item
 from nonn.runtime.decode_guard import DecodeGuard
+from nonn.runtime.health_service import HealthService
 from nonn.runtime.memory import release_free_memory, tune_malloc
 from nonn.runtime.model_loading import load_model, student_backend
 from nonn.runtime.protocol import service_pb2_grpc
@@ -130,7 +131,7 @@ class DeviceServer:
                 f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) is below the handler threads ({self.handler_threads})"
             )
         self.servicer = InferenceServicer(self.backends, server_name, max_streams=max_streams)
-        self.health = health.HealthServicer()
+        self.health = HealthService()
         self._server: grpc.Server | None = None
         self._stopped = False
 
