@@ -145,8 +145,8 @@ def main() -> int:
               "--normalize", "none", "-K", "2", "--top-k", "16", "--batch-size", str(args.batch_size), "--no-progress",
               "--device", "cpu"]
     with tempfile.TemporaryDirectory() as tmp:
-        folder_peak, rc1 = peak_rss_mb(common + ["--dataset", str(folder), "--out", f"{tmp}/a.json", "--workers", "1"])
-        folder_peak0, rc0 = peak_rss_mb(common + ["--dataset", str(folder), "--out", f"{tmp}/c.json", "--workers", "0"])
+        folder_peak, rc1 = peak_rss_mb(common + ["--dataset", str(folder), "--out", f"{tmp}/a.json", "--data-workers", "1"])
+        folder_peak0, rc0 = peak_rss_mb(common + ["--dataset", str(folder), "--out", f"{tmp}/c.json", "--data-workers", "0"])
         memory_peak, rc2 = peak_rss_mb(common + ["--dataset", str(npz), "--out", f"{tmp}/b.json"])
     print(f"peak RSS of `nonn partition` over {n} images (process tree, sampled every 20 ms):")
     print(f"  image folder, 0 workers:  {folder_peak0:7.0f} MB")

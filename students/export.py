@@ -79,7 +79,7 @@ PARITY_TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| allowed for an fp32 mode
 STUDENT_INPUT, STUDENT_OUTPUT = "image", "features"
 HEAD_INPUT, HEAD_OUTPUT = "features", "logits"
 FLOAT_BYTES = 4
-INPUT_TYPES = {"uint8": "UINT8", "fp32": "FP32"}  # --input -> the students' input datatype
+INPUT_TYPES = {"uint8": "UINT8", "fp32": "FP32"}  # --input-type -> the students' input datatype
 
 
 class ExportError(ValueError):

@@ -88,7 +88,7 @@ def test_own_teacher_and_image_folder_to_a_simulated_fleet(images, factory, tmp_
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nonn"):
         assert main(["train-students", *teacher, "--partition", str(tmp_path / "partition.json"),
-                     "--arch", "wrn-10-1:width=4", "--epochs", "1", "--batch-size", "64", "--workers", "1",
+                     "--arch", "wrn-10-1:width=4", "--epochs", "1", "--batch-size", "64", "--data-workers", "1",
                      "--out", str(tmp_path / "students.pt"), *quiet]) == 0
     assert "as recorded in " + str(tmp_path / "partition.json") in caplog.text
 

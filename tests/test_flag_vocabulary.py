@@ -2,7 +2,7 @@
 
 Two readings are: a flag missing from nonn.cli.vocabulary (which states each flag's one meaning),
 a switch in one command and a value in another, values of different kinds (a number in one, a
-path in another), or a metavar of a command's own that differs from the vocabulary's. Old
+path in another, a choice among other words in a third), or a metavar of a command's own that differs from the vocabulary's. Old
 spellings stay as hidden aliases for one release and warn.
 """
 
@@ -22,8 +22,12 @@ def value_kind(action: argparse.Action) -> str:
     """'switch', or the Python type of the value the flag takes (int, float or str) and its arity."""
     if action.nargs == 0:
         return "switch"
-    converted = type(action.type("1")) if callable(action.type) else str
-    return f"{converted.__name__} value" + ("" if action.nargs is None else f" (nargs {action.nargs})")
+    try:
+        converted = type(action.type("1")).__name__ if callable(action.type) else "str"
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        converted = getattr(action.type, "__name__", "parsed")  # a structured value, e.g. MEAN,..:STD,..
+    choices = "" if not action.choices else f" in {sorted(action.choices)}"
+    return f"{converted} value{choices}" + ("" if action.nargs is None else f" (nargs {action.nargs})")
 
 
 def test_every_flag_has_one_meaning_in_every_command(capsys):

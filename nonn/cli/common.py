@@ -73,16 +73,16 @@ def add_normalize_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
 
 
 def add_workers_arg(parser: argparse.ArgumentParser) -> None:
-    """--workers: processes decoding an image folder's batches while the model runs."""
+    """--data-workers: processes decoding an image folder's batches while the model runs."""
     parser.add_argument(
-        "--workers", type=non_negative_int, default=None,
+        "--data-workers", type=non_negative_int, default=None,
         help="worker processes decoding image-folder batches (default: one per spare CPU core, at most 4; "
         "0 decodes in the main process; in-memory data sets need none)",
     )  # fmt: skip
 
 
 def default_workers(requested: int | None) -> int:
-    """--workers, or one per spare CPU core (at most 4)."""
+    """--data-workers, or one per spare CPU core (at most 4)."""
     if requested is not None:
         return requested
     import os

@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="nonn-demo", help="directory for every artifact (default: nonn-demo)")
-    p.add_argument("--dataset", default="digits", choices=sorted(PRESETS), help="data set (default: digits)")
+    p.add_argument("--dataset", default="digits", help=f"data set with a demo preset: {', '.join(sorted(PRESETS))} (default: digits)")
     p.add_argument("--data-dir", default=None, help="directory of the data set's files (default: its standard location)")
     p.add_argument("-K", "--num-students", type=positive_int, default=4, help="number of students / devices K (default: 4)")
     add_alias(p, "--students", "-K/--num-students", dest="num_students", type=positive_int)

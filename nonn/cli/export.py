@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--parity-images", type=positive_int, default=64, help="test images for the ONNX Runtime vs PyTorch parity check (default: 64)")
     p.add_argument("--eval-images", type=non_negative_int, default=2000, help="test images for the accuracy report (default: 2000; 0 skips it)")
     add_data_args(p, fallback="the one the students checkpoint records; its images are used for parity, calibration and accuracy")
-    p.add_argument("--input", dest="input_type", choices=("uint8", "fp32"), default="uint8",
+    p.add_argument("--input-type", choices=("uint8", "fp32"), default="uint8",
                    help="what the students take: uint8, raw pixels as stored (normalised inside each graph; a quarter "
                         "of the bytes), or fp32, normalised floats (default: uint8)")
     p.add_argument("--out-of-range", choices=("error", "warn"), default="error",

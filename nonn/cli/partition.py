@@ -167,7 +167,7 @@ def _teacher_fan(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], di
     contract = teacher_contract(args.normalize, dataset, loaded, device=device)
     loader = make_loader(
         dataset, split=args.split, batch_size=args.batch_size, train=False, seed=args.seed, limit=args.limit,
-        contract=contract, workers=default_workers(args.workers),
+        contract=contract, workers=default_workers(args.data_workers),
     )
     activations = collect_activations(loaded.model, layer, loader, device=device, progress=not args.no_progress)
     if args.activations_out:

@@ -103,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--labels", default=None, help=".npy of integer labels, to report accuracy")
     i.add_argument("--preprocessed", action="store_true",
                    help="the .npy/.npz input is already what the students take (normalised floats for a bundle exported "
-                        "with --input fp32), so the input contract is not applied")
+                        "with --input-type fp32), so the input contract is not applied")
     i.add_argument("--batch-size", type=positive_int, default=32, help="images per request (default: 32)")
     add_json_arg(i, "result")
     _add_aggregator_args(i)

@@ -179,7 +179,7 @@ def run_train_students(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         metrics=args.metrics,
-        workers=default_workers(args.workers),
+        workers=default_workers(args.data_workers),
     )
     result = train_students(config)
     if int(os.environ.get("RANK", "0")) == 0:

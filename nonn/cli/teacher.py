@@ -96,7 +96,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         nesterov=args.nesterov, schedule=args.schedule, seed=args.seed, device=args.device, precision=args.precision, out=args.out,
         resume=args.resume, overwrite=args.overwrite, log=args.metrics, limit=args.limit, threads=args.threads,
-        workers=default_workers(args.workers), progress=not args.no_progress,
+        workers=default_workers(args.data_workers), progress=not args.no_progress,
     )
     checkpoint = train_teacher(config)
     m = checkpoint["metrics"]
