@@ -119,7 +119,7 @@ def test_own_teacher_and_image_folder_to_a_simulated_fleet(images, factory, tmp_
 
     # simulate: the test split from the bundle's record, 64-image requests, device 1 killed
     (tmp_path / "profiles.json").write_text(json.dumps(TINY_PROFILE))
-    assert main(["simulate", "--bundle", str(tmp_path / "bundle"), "--devices", "tiny:2", "--profiles",
+    assert main(["simulate", "--bundle", str(tmp_path / "bundle"), "--fleet", "tiny:2", "--profiles",
                  str(tmp_path / "profiles.json"), "--requests", "4", "--batch-size", "64", "--concurrency", "1",
                  "--kill", "1@0.2", "--until-faults-end", "--recovery", "0.5", "--deadline", "30", "--network", "none",
                  "--no-progress",

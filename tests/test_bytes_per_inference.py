@@ -46,7 +46,7 @@ def test_infer_reports_the_bytes_plan_estimates_with_the_same_labels(bundle, dev
         line = re.search(rf"{student.name} @ .*; request bytes sent (\d+) B, features sent back (\d+) B per inference \(wire bytes not measured\)", text)
         assert line, text
         assert (int(line[1]), int(line[2])) == (round(measured["request"]), round(measured["features"]))
-    main(["plan", "--bundle", str(bundle.root), "--devices", f"rpi3b+:{len(devices)}"])
+    main(["plan", "--bundle", str(bundle.root), "--fleet", f"rpi3b+:{len(devices)}"])
     plan_text = capsys.readouterr().out
     assert "request bytes sent (B/inference)" in plan_text and "features sent back (B/inference)" in plan_text
 

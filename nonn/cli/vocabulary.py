@@ -150,6 +150,7 @@ VOCABULARY: dict[str, Flag] = {
     "--slow": Flag("slow a device down by FACTOR from SECONDS on", "DEVICE@SECONDS:FACTOR"),
     "--compare-all-up": Flag("first run the same stream with every device up"),
     "--recovery": Flag("seconds to keep streaming after the last fault event", "SECONDS"),
+    "--until-faults-end": Flag("stream until every fault has played out instead of exactly --requests"),
     "--network": Flag("network emulation"),
     "--startup-timeout": Flag("seconds each device has to report SERVING", "SECONDS"),
     "--no-fault": Flag("do not kill a device during the simulation"),
