@@ -1,0 +1,123 @@
+"""Where a student training step spends its time on CPU, and what channels_last + inference_mode buy.
+
+    python benchmarks/student_epoch_profile.py                   # Fashion-MNIST, WRN-16-2 teacher, 2 x WRN-10-1 (width 10)
+    python benchmarks/student_epoch_profile.py --threads 2 --images 4096
+
+One training pass of K students distilled from a frozen teacher, split into its parts, each
+timed over the same batches: loading the batches (the seeded BatchLoader: shuffle, crop, flip,
+normalise), the teacher's forward pass (logits and final feature map), and the students'
+forward, loss, backward and SGD step. Two layouts side by side, alternating passes (the best of
+--repeat counts, so machine-load drift favours neither):
+
+- before: NCHW tensors, the teacher under torch.no_grad();
+- after:  channels_last models and batches, the teacher under torch.inference_mode()
+          (what train_students does on CPU, except for models oneDNN mishandles there).
+
+It prints each part's time and share of the step, and the whole step's images/s before and
+after with their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nonn.students.data import load_dataset
+from nonn.students.ensemble import build_ensemble, parse_arch_list
+from nonn.students.loader import make_loader
+from nonn.students.layout import to_layout
+from nonn.students.models import create_model
+
+
+def run_pass(layout: str, teacher, students_template, groups, data, args) -> dict[str, float]:
+    """One pass over --images images; seconds spent loading, in the teacher, in the students."""
+    channels_last = layout == "after"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    teacher = teacher.to(memory_format=fmt).eval()
+    torch.manual_seed(0)
+    ensemble = students_template().to(memory_format=fmt)
+    optimizer = torch.optim.SGD(ensemble.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    order = torch.tensor([i for g in groups for i in g])
+    frozen = torch.inference_mode if channels_last else torch.no_grad
+    loader = make_loader(data, "train", batch_size=args.batch_size, train=True, seed=0, limit=args.images)
+    times = {"load": 0.0, "teacher": 0.0, "students": 0.0}
+    seen = 0
+    batches = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            break
+        x = to_layout(x, torch.device("cpu"), fmt)  # exact strides: a 1-channel batch fits both layouts
+        t1 = time.perf_counter()
+        with frozen():
+            t_map = teacher.forward_features(x)
+            t_logits = teacher.forward_head(t_map)
+        t2 = time.perf_counter()
+        pooled = [student(x) for student in ensemble.students]
+        features = torch.cat(pooled, dim=1)
+        logits = ensemble.head(features)
+        target = F.adaptive_avg_pool2d(t_map, 1).flatten(1)[:, order]
+        kd = F.kl_div(F.log_softmax(logits / 4.0, 1), F.softmax(t_logits / 4.0, 1), reduction="batchmean") * 16.0
+        loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * kd + 1e-4 * F.mse_loss(features, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        t3 = time.perf_counter()
+        times["load"] += t1 - t0
+        times["teacher"] += t2 - t1
+        times["students"] += t3 - t2
+        seen += len(y)
+    times["images"] = seen
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--teacher-arch", default="wrn-16-2")
+    parser.add_argument("--arch", default="wrn-10-1:width=10", help="student backbone")
+    parser.add_argument("--students", type=int, default=2)
+    parser.add_argument("--images", type=int, default=2048, help="training images per pass")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3, help="alternating passes per layout; the best counts")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset(args.dataset, args.data_dir)
+    torch.manual_seed(0)
+    teacher = create_model(args.teacher_arch, data.num_classes, data.input_shape[0])
+    c = teacher.num_features
+    groups = [list(range(k, c, args.students)) for k in range(args.students)]
+    with torch.no_grad():
+        out_hw = tuple(teacher.eval().forward_features(torch.zeros(1, *data.input_shape)).shape[2:])
+
+    def students_template():
+        return build_ensemble(parse_arch_list(args.arch, args.students), groups, data.num_classes, data.input_shape[0], out_hw)
+
+    best: dict[str, dict[str, float]] = {}
+    for rep in range(args.repeat):
+        for layout in ("before", "after") if rep % 2 == 0 else ("after", "before"):
+            t = run_pass(layout, teacher, students_template, groups, data, args)
+            step = t["load"] + t["teacher"] + t["students"]
+            print(f"pass {rep + 1} {layout:>6}: {t['images'] / step:7.1f} images/s "
+                  f"(load {t['load']:.2f} s, teacher {t['teacher']:.2f} s, students {t['students']:.2f} s)", flush=True)
+            if layout not in best or step < best[layout]["step"]:
+                best[layout] = {**t, "step": step}
+    print(f"\n{args.threads} thread(s), {args.images} images, batch {args.batch_size}, teacher {args.teacher_arch}, "
+          f"{args.students} x {args.arch} (best pass of {args.repeat})")
+    print(f"{'layout':>7} {'images/s':>9} {'load':>13} {'teacher':>13} {'students':>13}")
+    for layout in ("before", "after"):
+        t = best[layout]
+        parts = "".join(f" {t[k]:6.2f} s {100 * t[k] / t['step']:3.0f}%" for k in ("load", "teacher", "students"))
+        print(f"{layout:>7} {t['images'] / t['step']:9.1f}{parts}")
+    print(f"after / before: {best['before']['step'] / best['after']['step']:.2f}x the images/s")
+
+
+if __name__ == "__main__":
+    main()
