@@ -37,7 +37,25 @@ MB = 1024.0 * 1024.0
 
 
 class FleetError(RuntimeError):
-    """A device server failed to start, died, or did not become healthy in time."""
+    """A device server failed to start, died, or did not become healthy in time.
+
+    `summary` is the one line a command-line user needs (the device's own error, where it gave
+    one, and where its log is); the message itself carries the log's tail as well.
+    """
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or message.splitlines()[0]
+
+
+def _start_failure(index: int, student: str, what: str, log_path: object, tail: str) -> FleetError:
+    """The error for a device that did not start: the device's own `nonn: error:` line, if it wrote one."""
+    errors = [line.removeprefix("nonn: error: ") for line in tail.splitlines() if line.startswith("nonn: error: ")]
+    reason = f": {errors[-1]}" if errors else ""
+    return FleetError(
+        f"device {index} ({student}) {what}; its log ({log_path}):\n{tail}",
+        summary=f"device {index} ({student}) {what}{reason} (log: {log_path})",
+    )
 
 
 def health_status(endpoint: str, timeout_s: float = 1.0, service: str = "") -> str:
@@ -327,18 +345,12 @@ class LocalFleet:
         while True:
             if not d.alive:
                 code = d.process.returncode if d.process is not None else None
-                raise FleetError(
-                    f"device {index} ({d.student}) exited with status {code} before it was ready; "
-                    f"its log ({d.log_path}):\n{d.log_tail()}"
-                )
+                raise _start_failure(index, d.student, f"exited with status {code} before it was ready", d.log_path, d.log_tail())
             if self.is_serving(index, timeout_s=min(1.0, max(0.1, deadline - time.monotonic()))):
                 d.events.append({"t": self.elapsed(), "event": "ready"})
                 return
             if time.monotonic() > deadline:
-                raise FleetError(
-                    f"device {index} ({d.student}) did not report SERVING within {timeout_s:.0f} s; "
-                    f"its log ({d.log_path}):\n{d.log_tail()}"
-                )
+                raise _start_failure(index, d.student, f"did not report SERVING within {timeout_s:.0f} s", d.log_path, d.log_tail())
             time.sleep(0.05)
 
     def slow(self, index: int, factor: float) -> None:

@@ -166,6 +166,8 @@ class DeviceServer:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         target = f"[{self.host}]:{self.requested_port}" if ":" in self.host else f"{self.host}:{self.requested_port}"
         cannot_bind = f"cannot bind {target}: the port is in use or the address is not available here"
+        if self.requested_port and not _can_bind(self.host, self.requested_port):
+            raise OSError(cannot_bind)  # found before gRPC's core logs its own line about it
         try:
             if self.tls is not None:
                 bound = server.add_secure_port(target, self.tls.credentials())
@@ -211,6 +213,23 @@ class DeviceServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(0)
+
+
+def _can_bind(host: str, port: int) -> bool:
+    """Whether a listening TCP socket could take host:port now (as gRPC binds: SO_REUSEADDR, no SO_REUSEPORT)."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError:
+                continue
+            return True
+    return False
 
 
 class _StopSignals:

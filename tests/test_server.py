@@ -384,3 +384,21 @@ def test_cli_serve_without_torch_until_stopped(tmp_path, model_path, stop_signal
             proc.kill()
             proc.wait()
 
+
+
+def test_a_port_in_use_is_one_line_without_grpc_core_logging(model_path):
+    """`nonn serve` on a taken port: our one error line, and nothing from gRPC's C core before it."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "nonn", "serve", "--model", str(model_path), "--name", "student_0", "--port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"nonn: error: cannot bind 127.0.0.1:{port}: the port is in use or the address is not available here"
+    ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import psutil
@@ -356,4 +358,24 @@ def test_cli_simulate_runs_the_teacher_for_agreement(tmp_path, capsys):
     assert report["requests"] == 24  # --requests 0: every test image once
     assert report["teacher_accuracy"] == pytest.approx(float((expected == ds.test_y).mean()), abs=1e-6)
     assert report["teacher_agreement"] is not None
+    _assert_no_children()
+
+
+def test_cli_simulate_with_a_tampered_student_says_so_in_one_line(cli_inputs, tmp_path):
+    """The device's own error reaches the user as one `nonn: error:` line, not a traceback."""
+    broken = tmp_path / "bundle"
+    shutil.copytree(cli_inputs / "bundle", broken)
+    (broken / "student_1.onnx").write_bytes(b"tampered")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nonn", "simulate", "--bundle", str(broken), "--fleet", "tiny:2", "--profiles",
+         str(cli_inputs / "profiles.json"), "--dataset", str(cli_inputs / "data.npz"), "--requests", "4",
+         "--network", "none", "--no-progress", "--startup-timeout", "30", "--log-dir", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("nonn: error:")]
+    assert error.startswith("nonn: error: device 1 (student_1) exited with status 2 before it was ready: ")
+    assert "student_1.onnx: sha256 is" in error and "refusing to load it" in error
+    assert f"(log: {tmp_path / 'logs'}" in error
     _assert_no_children()

@@ -301,24 +301,29 @@ def _simulate(args: argparse.Namespace) -> int:
     )
     if args.fleet is None:
         raise CLIError(f"simulate needs the devices: --fleet {FLEET_METAVAR}, e.g. --fleet rpi3b+:4")
-    run_simulation(
-        args.bundle,
-        args.fleet,
-        args.dataset,
-        data_dir=args.data_dir,
-        image_size=args.image_size,
-        normalize=args.normalize,
-        split=args.split,
-        config=config,
-        kills=args.kill,
-        slowdowns=args.slow,
-        profiles_file=args.profiles,
-        teacher_predictions=args.teacher_predictions,
-        teacher=args.teacher,
-        teacher_factory=args.teacher_factory,
-        weights=args.weights,
-        json_path=args.json,
-        report_path=args.report,
-        log_dir=args.log_dir,
-    )
+    from nonn.devices.fleet import FleetError
+
+    try:
+        run_simulation(
+            args.bundle,
+            args.fleet,
+            args.dataset,
+            data_dir=args.data_dir,
+            image_size=args.image_size,
+            normalize=args.normalize,
+            split=args.split,
+            config=config,
+            kills=args.kill,
+            slowdowns=args.slow,
+            profiles_file=args.profiles,
+            teacher_predictions=args.teacher_predictions,
+            teacher=args.teacher,
+            teacher_factory=args.teacher_factory,
+            weights=args.weights,
+            json_path=args.json,
+            report_path=args.report,
+            log_dir=args.log_dir,
+        )
+    except FleetError as exc:
+        raise CLIError(exc.summary) from None
     return 0
