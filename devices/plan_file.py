@@ -297,7 +297,13 @@ class Plan:
 
 def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan.json (ArtifactError naming the file and the field when it is not one)."""
-    return Plan.from_dict(read_json_artifact(path, PLAN_FORMAT), source=str(path))
+    try:
+        obj = read_json_artifact(path, PLAN_FORMAT)
+    except ArtifactError as exc:
+        if "format is 'nonn.plan/" in str(exc):  # a plan from an older nonn
+            raise ArtifactError(f"{exc}: made by an older nonn; run `nonn plan --bundle BUNDLE --fleet ... --out {path}` again") from None
+        raise
+    return Plan.from_dict(obj, source=str(path))
 
 
 # --------------------------------------------------------------------------- typed reading
