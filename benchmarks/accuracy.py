@@ -262,6 +262,15 @@ def run_job(job: Job) -> dict[str, Any]:
     }
 
 
+def run_finished(config: StudentsConfig) -> bool:
+    """Whether the run's checkpoint holds every epoch it was asked for."""
+    path = Path(config.out)
+    if not path.is_file():
+        return False
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return bool(checkpoint.get("complete")) and checkpoint.get("epoch") == config.epochs
+
+
 def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
     if workers <= 1:
         return [run_job(job) for job in jobs]
@@ -416,7 +425,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU setting: a training subset and few epochs")
     parser.add_argument("--seeds", type=int, default=1, help="train every row with seeds 0..N-1 (default 1)")
-    parser.add_argument("--rows", default=None, help="comma list of rows to run (default: all): " + ", ".join(r.name for r in ROWS))
+    parser.add_argument("--rows", default=None, help="comma list of rows to run, in this order (default: all): " + ", ".join(r.name for r in ROWS))
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: summarise the runs already finished in --out (a benchmark cut short)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process and one CPU thread each")
     parser.add_argument("--teacher", default=None, help="reuse this teacher checkpoint instead of training one")
     parser.add_argument("--dataset", default="fashion-mnist")
@@ -478,7 +489,8 @@ def main() -> None:
     shape_args = (data.num_classes, data.input_shape[0], out_hw)
     archs = {k: args.arch or pick_student_arch(t_params, k, num_filters, *shape_args) for k in (2, 4)}
 
-    rows = [r for r in ROWS if not args.rows or r.name in args.rows.split(",")]
+    by_name = {r.name: r for r in ROWS}
+    rows = [by_name[name] for name in args.rows.split(",")] if args.rows else list(ROWS)
     jobs: list[Job] = []
     row_archs: dict[str, str] = {}
     for row in rows:
@@ -507,6 +519,15 @@ def main() -> None:
                 seed=seed, **overrides,
             )
             jobs.append(Job(row, seed, config, threads))
+    # Seed by seed, rows in the order given: a benchmark cut short still has paired comparisons.
+    jobs.sort(key=lambda job: job.seed)
+    if args.finished_only:
+        unfinished = [f"{job.row.name} seed {job.seed}" for job in jobs if not run_finished(job.config)]
+        jobs = [job for job in jobs if run_finished(job.config)]
+        if unfinished:
+            log.warning("summarising finished runs only; not run or not finished: %s", ", ".join(unfinished))
+        if not jobs:
+            raise SystemExit(f"accuracy: no finished run in {out}")
     log.info("%d runs (%d rows x %d seeds), %d at a time", len(jobs), len(rows), args.seeds, args.jobs)
     results = run_all(jobs, args.jobs)
 
