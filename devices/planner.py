@@ -193,9 +193,13 @@ def _assign(
 # --------------------------------------------------------------------------- estimates
 
 
-def _teacher_estimate(teacher: TeacherSummary, profile: DeviceProfile, name: str, runtime_mb: float, num_classes: int, input_shape: list[int]) -> Estimate:
+def _teacher_estimate(
+    teacher: TeacherSummary, profile: DeviceProfile, name: str, runtime_mb: float, num_classes: int, input_shape: list[int],
+    input_datatype: str,
+) -> Estimate:
+    """The teacher on one device, taking the images the students take (`input_datatype`)."""
     memory = model_memory_mb(teacher.params * FLOAT_BYTES, teacher.activation_bytes, runtime_mb)
-    request, request_wire = exchange_bytes("teacher", "image", [1, *input_shape], output="logits")
+    request, request_wire = exchange_bytes("teacher", "image", [1, *input_shape], input_datatype, output="logits")
     response, response_wire = exchange_bytes("teacher", "logits", [1, num_classes], response=True)
     compute = _compute_s(teacher.flops, profile)
     transfer = _transfer_s(request_wire, profile) + _transfer_s(response_wire, profile)
@@ -218,7 +222,8 @@ def _teacher_estimate(teacher: TeacherSummary, profile: DeviceProfile, name: str
 
 
 def _model_parallel_estimate(
-    teacher: TeacherSummary, devices: Sequence[DeviceProfile], runtime_mb: float, num_classes: int, input_shape: list[int]
+    teacher: TeacherSummary, devices: Sequence[DeviceProfile], runtime_mb: float, num_classes: int, input_shape: list[int],
+    input_datatype: str,
 ) -> Estimate:
     D = len(devices)
     owner = max(range(D), key=lambda d: (devices[d].link.bandwidth_mbps, devices[d].gflops))
@@ -269,7 +274,7 @@ def _model_parallel_estimate(
             busy_compute[owner] += layer_s
         previous_elements = layer.output_elements
 
-    request, request_wire = exchange_bytes("teacher", "image", [1, *input_shape], output="logits")
+    request, request_wire = exchange_bytes("teacher", "image", [1, *input_shape], input_datatype, output="logits")
     response, response_wire = exchange_bytes("teacher", "logits", [1, num_classes], response=True)
     owner_link = devices[owner]
     comm_s = _transfer_s([*owner_wire, request_wire, response_wire], owner_link) + phases * owner_link.link.latency_ms / 2000
@@ -495,9 +500,11 @@ def plan(
     if bundle.teacher is not None:
         # The teacher's device: the fleet's kind with the most memory (fastest on ties).
         t_profile = max(devices, key=lambda p: (p.available_mb, p.gflops))
-        teacher_est = _teacher_estimate(bundle.teacher, t_profile, t_profile.name, runtime_mb, bundle.num_classes, input_shape)
+        # The teacher columns take the images the students take, so their bytes compare like for like.
+        datatype = bundle.input_contract.datatype
+        teacher_est = _teacher_estimate(bundle.teacher, t_profile, t_profile.name, runtime_mb, bundle.num_classes, input_shape, datatype)
         mp_devices = [devices[d] for d in sorted(placed)]  # the same devices the students use
-        mp_est = _model_parallel_estimate(bundle.teacher, mp_devices, runtime_mb, bundle.num_classes, input_shape)
+        mp_est = _model_parallel_estimate(bundle.teacher, mp_devices, runtime_mb, bundle.num_classes, input_shape, datatype)
 
     return Plan(
         bundle=BundleRef.of(bundle),

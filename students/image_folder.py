@@ -162,7 +162,7 @@ class ImageFolderDataset(DatasetInfo):
         self.num_classes = len(self.class_names)
         sizes, example, colour = _scan(self.files["train"] + self.files["test"])
         if self.image_size is None and len(sizes) > 1:
-            shown = ", ".join(f"{w}x{h} ({n} images, e.g. {example[(h, w)]})" for (h, w), n in sizes.most_common(3))
+            shown = ", ".join(f"{w}x{h} ({n} image{'s' if n != 1 else ''}, e.g. {example[(h, w)]})" for (h, w), n in sizes.most_common(3))
             raise DataError(f"{self.root}: images have {len(sizes)} different sizes: {shown}; pass --image-size H[,W] to resize them all")
         self.mode = "RGB" if colour else "L"
         h, w = self.image_size or next(iter(sizes))

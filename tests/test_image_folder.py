@@ -53,7 +53,7 @@ def test_train_and_val_folders_are_the_splits(tmp_path):
 def test_image_size_resizes_and_colour_wins(tmp_path):
     write_image_folder(tmp_path, 9, 20)
     Image.fromarray(np.full((30, 10), 128, np.uint8)).save(tmp_path / "bar" / "gray-and-tall.png")
-    with pytest.raises(DataError, match=r"2 different sizes: 20x20 \(9 images.*10x30 \(1 images.*gray-and-tall.png.*--image-size"):
+    with pytest.raises(DataError, match=r"2 different sizes: 20x20 \(9 images.*10x30 \(1 image,.*gray-and-tall.png.*--image-size"):
         load_dataset(str(tmp_path))
     data = load_dataset(str(tmp_path), image_size=(12, 14))
     assert data.input_shape == (3, 12, 14)  # one colour image makes the set RGB

@@ -27,7 +27,8 @@ from nonn.runtime.input_contract import InputContract
 SHAPE = [1, 28, 28]
 
 
-def make_bundle(student_flops=(1e7, 1e7, 1e7, 1e7), student_bytes=(200_000,) * 4, feature_sizes=(16, 16, 16, 16)) -> Bundle:
+def make_bundle(student_flops=(1e7, 1e7, 1e7, 1e7), student_bytes=(200_000,) * 4, feature_sizes=(16, 16, 16, 16),
+                input_datatype: str = "FP32") -> Bundle:
     """An in-memory bundle (the planner reads only the manifest) with a two-conv teacher."""
     students, start = [], 0
     for k, (flops, size, f) in enumerate(zip(student_flops, student_bytes, feature_sizes)):
@@ -36,7 +37,7 @@ def make_bundle(student_flops=(1e7, 1e7, 1e7, 1e7), student_bytes=(200_000,) * 4
                 name=f"student_{k}",
                 file=f"student_{k}.onnx",
                 sha256="0" * 64,
-                input=TensorSpec("image", [-1, *SHAPE]),
+                input=TensorSpec("image", [-1, *SHAPE], input_datatype),
                 output=TensorSpec("features", [-1, f]),
                 params=size // 4,
                 flops=int(flops),
@@ -61,7 +62,8 @@ def make_bundle(student_flops=(1e7, 1e7, 1e7, 1e7), student_bytes=(200_000,) * 4
         ],
         activation_bytes=2 * 64 * 28 * 28 * 4,
     )
-    return Bundle(students, head, InputContract(SHAPE, [0.5], [0.25], normalize="explicit"), [str(i) for i in range(10)], teacher=teacher)
+    contract = InputContract(SHAPE, [0.5], [0.25], normalize="explicit", datatype=input_datatype)
+    return Bundle(students, head, contract, [str(i) for i in range(10)], teacher=teacher)
 
 
 def test_builtin_profiles_have_sources_for_every_figure() -> None:
@@ -152,6 +154,24 @@ def test_plan_four_pis_costs_follow_the_model() -> None:
     for label in ("request bytes sent (B/inference)", "features sent back (B/inference)", "wire bytes (B/inference)",
                   "bytes between devices (B/inference)"):  # fmt: skip
         assert label in text
+
+
+def test_teacher_columns_take_the_images_the_students_take() -> None:
+    # A uint8 bundle's students get raw pixels; the teacher it is compared with gets the same.
+    devices = parse_device_list("rpi4b:4")
+    fp32, uint8 = plan(make_bundle(), devices), plan(make_bundle(input_datatype="UINT8"), devices)
+    image = {t: exchange_bytes("teacher", "image", [1, *SHAPE], t, output="logits") for t in ("FP32", "UINT8")}
+    saved_message, saved_wire = (f - u for f, u in zip(image["FP32"], image["UINT8"]))
+    assert abs(saved_message - 3 * 28 * 28) <= 8  # 3 of every 4 pixel bytes (the datatype's name is a byte longer)
+    for name in ("teacher", "model_parallel"):
+        f, u = getattr(fp32, name), getattr(uint8, name)
+        assert f is not None and u is not None
+        assert f.bytes_per_inference.request - u.bytes_per_inference.request == saved_message, name
+        assert f.bytes_per_inference.wire - u.bytes_per_inference.wire == saved_wire, name
+        # What comes back (logits) and what passes between devices do not depend on the input.
+        assert f.bytes_per_inference.features == u.bytes_per_inference.features, name
+    assert fp32.nonn.bytes_per_inference.request - uint8.nonn.bytes_per_inference.request >= 4 * (3 * 28 * 28 - 8)
+    assert fp32.nonn.bytes_per_inference.features == uint8.nonn.bytes_per_inference.features
 
 
 def test_plan_balances_the_slowest_device() -> None:

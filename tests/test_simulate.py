@@ -288,6 +288,29 @@ def test_cli_simulate_with_a_fault_writes_json_and_html(cli_inputs, capsys):
     _assert_no_children()
 
 
+def test_cli_simulate_samples_a_split_sorted_by_class(cli_inputs, tmp_path, capsys):
+    """Fewer requests than images: a seeded sample of the split, not its first images (an image
+    folder lists them class by class), with --teacher-predictions taken for the same images."""
+    from nonn.cli import main
+
+    root = cli_inputs
+    x = tiny_images(40, seed=5)
+    y = np.repeat([0, 1], 20)  # sorted by class, as an image folder's files are
+    np.savez(tmp_path / "sorted.npz", x=x, y=y, x_test=x, y_test=y)
+    np.save(tmp_path / "teacher.npy", np.zeros(40, dtype=np.int64))  # right on class 0 only
+    code = main([
+        "simulate", "--bundle", str(root / "bundle"), "--fleet", "tiny:2", "--profiles", str(root / "profiles.json"),
+        "--dataset", str(tmp_path / "sorted.npz"), "--requests", "10", "--network", "none", "--no-progress",
+        "--teacher-predictions", str(tmp_path / "teacher.npy"), "--json", str(tmp_path / "sim.json"),
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "sim.json").read_text())
+    assert report["requests"] == 10
+    # The first 10 images are all class 0 (teacher accuracy 1); a sample of 40 holds both classes.
+    assert 0.0 < report["teacher_accuracy"] < 1.0
+    _assert_no_children()
+
+
 def test_cli_simulate_places_students_as_plan_does(cli_inputs, tmp_path, capsys):
     """One placement: the heavier student_1 goes on the fast device in both commands, whatever the list's order."""
     from nonn.cli import main

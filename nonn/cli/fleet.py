@@ -84,8 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--split", choices=("test", "train"), default="test", help="which split to stream (default: test)")
     run = s.add_argument_group("stream")
     run.add_argument("--requests", type=non_negative_int, default=1000,
-                     help="requests to send, exactly, cycling over the images; 0 = every image once (default: 1000). "
-                     "Only --duration and --until-faults-end send more")
+                     help="requests to send, exactly, cycling over the split's images in a seeded random order (--seed); "
+                          "0 = every image once (default: 1000). Only --duration and --until-faults-end send more")
     run.add_argument("--concurrency", type=positive_int, default=4, help="requests in flight at once (default: 4)")
     run.add_argument("--batch-size", type=positive_int, default=1, help="images per request (default: 1)")
     run.add_argument("--rate", type=positive_float, default=None,
@@ -243,12 +243,16 @@ def run_simulation(
             f"{list(loaded.input_contract.input_shape)} (resize with --image-size H[,W])"
         )
     # An image folder is decoded here: only as many images as --requests asks for (the stream
-    # cycles over them when faults or --duration make it longer).
+    # cycles over them when faults or --duration make it longer). Requests take the images in a
+    # seeded random order: a folder lists its images class by class, and a set may be sorted by
+    # label, so the first N would be a few classes only.
     available = data.split_size(split)
     wanted = available if data.in_memory or config.requests == 0 else min(available, config.requests * config.batch_size)
-    images, labels = data.read(split, np.arange(wanted)), data.labels(split)[:wanted]
+    order = np.arange(available) if config.requests == 0 else np.random.default_rng(config.seed).permutation(available)
+    pick = order[:wanted]
+    images, labels = data.read(split, pick), data.labels(split)[pick]
     if teacher_predictions:
-        teacher_classes = load_teacher_predictions(teacher_predictions, available)[:wanted]
+        teacher_classes = load_teacher_predictions(teacher_predictions, available)[pick]
     elif teacher or teacher_factory:
         teacher_classes = run_teacher(teacher, images, data, teacher_factory, weights, normalize,
                                       loaded.input_contract, str(loaded.manifest_path))
