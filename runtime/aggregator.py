@@ -214,6 +214,8 @@ class Aggregator(BlockingFacade):
     async def close(self) -> None:
         if self._coalescer is not None:
             self._coalescer.close()
+        for student in self.students:
+            await student.close()
         for device in self.devices:
             await device.close()
         for channel in self._channels.values():

@@ -341,15 +341,18 @@ class DeviceClient:
                     break
                 outcome.attempts += 1
                 in_flight = True
+                # Counted when sent, so a call that lost to another replica and ends after the
+                # request was answered is in that request's figures.
+                outcome.bytes_sent += size
                 try:
                     reply, reply_size = await self._exchange(request, deadline)
                 except CallFailed as exc:
                     in_flight = False
                     outcome.error = str(exc)
-                    # UNAVAILABLE: no connection, so the request is not counted as sent; any other
+                    # UNAVAILABLE: no connection, so the request was not sent after all; any other
                     # status came from (or timed out at) a server that had the request.
-                    if exc.code != grpc.StatusCode.UNAVAILABLE:
-                        outcome.bytes_sent += size
+                    if exc.code == grpc.StatusCode.UNAVAILABLE:
+                        outcome.bytes_sent -= size
                     if exc.code in _DEVICE_FAILURES:
                         self._failed(outcome.error)
                     if exc.code == grpc.StatusCode.UNAVAILABLE and outcome.attempts <= self.retries and not self.health.down:
@@ -361,7 +364,6 @@ class DeviceClient:
                         outcome.error += " (the device is down; not retried)"
                     break
                 in_flight = False
-                outcome.bytes_sent += size
                 outcome.bytes_received += reply_size
                 try:
                     outcome.features = self.features(reply, request_id, shape[0])
@@ -376,7 +378,6 @@ class DeviceClient:
                 return outcome
         except asyncio.CancelledError:
             if in_flight:  # the device had the request
-                outcome.bytes_sent += size
                 self._note_latency(time.monotonic() - started, at_least=True)
             if not deadline.expired:
                 self.health.trial_in_flight = False  # a trial that was called off proves nothing

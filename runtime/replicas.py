@@ -6,8 +6,8 @@ turn. If that replica has not answered after the student's hedge delay, the 95th
 its recent answer times (the "tail at scale" hedge), the request also goes to the next replica,
 when that one is expected to answer sooner than the first usually does (hedging to a replica
 known to be slower only adds load); a replica that fails hands over to the next one at once. The first good answer is the
-student's answer and the other calls are cancelled: the head never sees two answers for one
-student.
+student's answer: the head never sees two answers for one student. A call that lost runs on,
+its answer dropped, until the request's deadline, so that its replica's answer time is learned.
 """
 
 from __future__ import annotations
@@ -56,6 +56,33 @@ class ReplicaSet:
         self.latency = LatencyWindow()
         self.hedges = 0  # requests that went to a second replica because the first was slow
         self._turn = 0
+        self._late: set[asyncio.Task] = set()  # calls that lost to another replica, left to finish
+
+    def _finish_later(self, task: asyncio.Task, deadline: Deadline) -> None:
+        """Let a call that lost to another replica run on until its request's deadline.
+
+        Its answer is dropped; what it is for is the replica's answer time: a call cancelled when
+        the hedge won would only teach the slow replica's estimate a lower bound, and the replica
+        would keep being tried first.
+        """
+        stop = deadline.loop.call_at(deadline.at, task.cancel)
+        self._late.add(task)
+
+        def finished(done: asyncio.Task) -> None:
+            stop.cancel()
+            self._late.discard(done)
+            if not done.cancelled():
+                done.exception()  # retrieved: a late failure is the device's, already counted
+
+        task.add_done_callback(finished)
+
+    async def close(self) -> None:
+        """Cancel the calls still finishing late."""
+        late = list(self._late)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.gather(*late, return_exceptions=True)
 
     def _order(self) -> list[int]:
         """Replica indices: healthiest first, then the shortest expected wait (usual answer time
@@ -115,8 +142,11 @@ class ReplicaSet:
             if not running:  # every call so far failed: fail over to the next replica
                 launch()
         for task in running:
-            task.cancel()
-        if running:
+            if winner is not None and not deadline.expired:
+                self._finish_later(task, deadline)
+            else:
+                task.cancel()
+        if running and winner is None:
             await asyncio.gather(*running, return_exceptions=True)
         for i, client in enumerate(self.clients):  # replicas left out because they are down
             if client.health.down and outcomes[i].attempts == 0 and not outcomes[i].skipped:

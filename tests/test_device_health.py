@@ -280,3 +280,22 @@ def test_a_slow_replica_is_hedged_to_the_other_one(bundle, hedge):
         assert result.contributed == [True, True] and result.answered_by[0] == 1 and hedges == 1
     else:  # only the slow replica was asked, and it missed the deadline
         assert not result.contributed[0] and "DEADLINE_EXCEEDED" in result.errors[0] and hedges == 0
+
+
+def test_a_replica_that_lost_to_a_hedge_still_teaches_its_answer_time(bundle):
+    """The hedged-away call runs on to the deadline (its answer dropped), so the slow replica's
+    estimate reaches the deadline, not just the moment the hedge won; the next request goes to
+    the fast replica first, without a hedge."""
+    with replicated_fleet(bundle, SlowBackend(bundle, delay_s=3.0)) as servers:
+        with Aggregator(bundle, [s.address for s in servers], replicas=2, deadline_s=1.0) as agg:
+            first = agg.infer_sync(images(2))
+            time.sleep(1.2)  # past the first request's deadline
+            slow, fast = agg.devices[0], agg.devices[1]
+            learned = slow.latency_s
+            second = agg.infer_sync(images(2, 1))
+            hedges = agg.students[0].hedges
+    assert first.answered_by[0] == 1 and second.answered_by[0] == 1
+    assert learned >= 0.9, f"the slow replica's answer time was learned as {learned:.3f} s"
+    assert learned > 10 * fast.latency_s
+    assert hedges == 1  # the second request was not hedged: it went to the fast replica first
+    assert first.bytes_sent[0] > 0  # the request the slow replica lost is still counted as sent
