@@ -141,13 +141,13 @@ class ReplicaSet:
                 break
             if not running:  # every call so far failed: fail over to the next replica
                 launch()
-        for task in running:
-            if winner is not None and not deadline.expired:
-                self._finish_later(task, deadline)
-            else:
-                task.cancel()
-        if running and winner is None:
+        # Only a winner leaves calls running (failures end the loop with none): they finish late,
+        # unless the deadline already cancelled them, in which case their outcomes are final first.
+        if deadline.expired:
             await asyncio.gather(*running, return_exceptions=True)
+        else:
+            for task in running:
+                self._finish_later(task, deadline)
         for i, client in enumerate(self.clients):  # replicas left out because they are down
             if client.health.down and outcomes[i].attempts == 0 and not outcomes[i].skipped:
                 outcomes[i].skipped = True

@@ -28,7 +28,7 @@ class _DeprecatedAlias(argparse.Action):
         notes.append(f"{option_string} is deprecated and will be removed in the next release: {self.message}")
         setattr(namespace, _NOTES, notes)
         if self.store:
-            setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+            setattr(namespace, self.dest, values)
 
 
 def add_alias(
@@ -38,13 +38,9 @@ def add_alias(
     *,
     dest: str,
     type: Callable[[str], Any] | None = None,
-    switch: bool = False,
-    note: str = "",
 ) -> None:
-    """`old` keeps working as `new` (same destination); using it logs a deprecation warning."""
-    kwargs: dict[str, Any] = {"nargs": 0, "const": True} if switch else {"type": type}
-    parser.add_argument(old, dest=dest, action=_DeprecatedAlias, message=f"use {new}{note}", default=argparse.SUPPRESS,
-                        **kwargs)
+    """`old` keeps working as `new` (same destination, taking a value); using it logs a deprecation warning."""
+    parser.add_argument(old, dest=dest, type=type, action=_DeprecatedAlias, message=f"use {new}", default=argparse.SUPPRESS)
 
 
 def add_retired_switch(parser: argparse.ArgumentParser | argparse._ArgumentGroup, old: str, message: str) -> None:
