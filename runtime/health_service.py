@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable
 
 from grpc_health.v1 import health, health_pb2
 
@@ -72,8 +71,7 @@ class HealthService(health.HealthServicer):
     def _send_loop(self) -> None:
         while True:
             callback, status = self._outbox.get()
-            send: Callable = callback
             try:
-                send(None if status is None else health_pb2.HealthCheckResponse(status=status))
+                callback(None if status is None else health_pb2.HealthCheckResponse(status=status))
             except Exception:  # a stream that ended between queueing and sending
                 pass
