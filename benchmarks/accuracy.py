@@ -442,6 +442,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--student-dropout", type=float, default=0.0,
                         help="student dropout p for every row with several students (default 0)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="students' training precision (auto: by the device, see nonn.students.precision)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (with --jobs > 1: 1 per job)")
     parser.add_argument("--out", default="runs/bench-accuracy", help="directory for checkpoints and results")
     parser.add_argument("--no-progress", action="store_true")
@@ -514,8 +516,8 @@ def main() -> None:
                 partition=str(partition), out=str(path), teacher=str(teacher_path), dataset=args.dataset,
                 data_dir=args.data_dir, arch=arch, epochs=setting.epochs, batch_size=setting.batch_size, lr=setting.lr,
                 at=args.at, beta=args.beta, train_limit=setting.train_limit, eval_limit=setting.eval_limit,
-                device=args.device, resume=path.exists(), progress=not args.no_progress and args.jobs == 1,
-                seed=seed, **overrides,
+                device=args.device, precision=args.precision, resume=path.exists(),
+                progress=not args.no_progress and args.jobs == 1, seed=seed, **overrides,
             )
             jobs.append(Job(row, seed, config, threads))
     # Seed by seed, rows in the order given: a benchmark cut short still has paired comparisons.
@@ -555,6 +557,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
         "device": args.device,
+        "precision": args.precision,
     }
     atomic_write_json(out / "accuracy.json", summary)
     table = markdown(summary)

@@ -180,12 +180,14 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TeacherConfig) -> 
 
 
 def _check_resumable(checkpoint: dict[str, Any], config: TeacherConfig, dataset: DatasetInfo, path: Path) -> None:
-    saved = checkpoint.get("config", {})
+    # A setting newer than the checkpoint is missing from its config: it was trained the way
+    # that setting's default trains (each new setting's default keeps the old behaviour).
+    saved = {**TeacherConfig().to_dict(), **checkpoint.get("config", {})}
     current = config.to_dict()
     diffs = [
-        f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
+        f"{key}: checkpoint {saved[key]!r}, now {current[key]!r}"
         for key in current
-        if key not in TeacherConfig.RUNTIME_FIELDS and saved.get(key) != current[key]
+        if key not in TeacherConfig.RUNTIME_FIELDS and saved[key] != current[key]
     ]
     saved_data = checkpoint.get("dataset", {})
     for key in ("input_shape", "num_classes", "mean", "std"):

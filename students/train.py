@@ -398,7 +398,10 @@ def _config_dict(config: StudentsConfig) -> dict[str, Any]:
 def _check_resume_settings(saved: dict[str, Any], config: StudentsConfig, setup: _Setup, path: Path) -> None:
     """A resumed run must have the same training settings, teacher and groups as the saved one."""
     current = _config_dict(config)
-    saved_cfg = saved.get("config") or {}
+    # A setting newer than the checkpoint is missing from its config: it was trained the way that
+    # setting's default trains (each new setting's default keeps the old behaviour).
+    defaults = {f.name: f.default for f in dataclasses.fields(StudentsConfig) if f.default is not dataclasses.MISSING}
+    saved_cfg = {**defaults, **(saved.get("config") or {})}
     diffs = [
         f"{key}: saved {saved_cfg.get(key)!r}, now {current[key]!r}"
         for key in sorted(current)

@@ -117,6 +117,20 @@ def test_resume_refuses_other_settings_and_existing_out(tmp_path, toy_npz):
         train_teacher(config_for(toy_npz, tmp_path / "x.pt", schedule="linear"))
 
 
+def test_resume_of_a_checkpoint_older_than_a_setting_takes_that_settings_default(tmp_path, toy_npz):
+    # A checkpoint written before --normalize existed has no "normalize" in its config: it was
+    # trained with the dataset's statistics (today's default), so it resumes under the default
+    # and is refused under any other choice.
+    out = tmp_path / "t.pt"
+    _train_one_epoch_then_stop(config_for(toy_npz, out, epochs=2))
+    checkpoint = torch.load(out, map_location="cpu", weights_only=False)
+    del checkpoint["config"]["normalize"]
+    torch.save(checkpoint, out)
+    with pytest.raises(ValueError, match=r"cannot resume .*normalize: checkpoint 'dataset', now 'none'"):
+        train_teacher(config_for(toy_npz, out, epochs=2, resume=True, normalize="none"))
+    assert train_teacher(config_for(toy_npz, out, epochs=2, resume=True))["epoch"] == 2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_request_without_cuda_is_a_clear_error(tmp_path, toy_npz):
     with pytest.raises(ValueError, match="CUDA is not available"):
