@@ -194,7 +194,8 @@ def make_partitions(teacher_path: Path, data: Any, ks: list[int], setting: Setti
             extra_params={"images": int(activations.shape[0]), "top_k": top_k},
         )
         part.save(paths[k])
-        log.info("K=%d: groups of %s, modularity %s", k, part.group_sizes, part.modularity)
+        log.info("K=%d: groups of %s, community modularity %s, modularity of the %d groups %s", k, part.group_sizes,
+                 part.modularity, k, part.stats.get("group_modularity"))
     num_filters = int(activations.shape[1])
     Partition(num_filters=num_filters, groups=[list(range(num_filters))], strategy="all-filters",
               layer=teacher.feature_layer, teacher=teacher_info).save(paths[1])
@@ -386,6 +387,10 @@ def pct(s: dict[str, Any] | None) -> str:
     return "n/a" if s is None else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
 
 
+def _fmt3(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     t = summary["teacher"]
     st = summary["settings"]
@@ -396,9 +401,10 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"Teacher: {t['arch']['name'] if t['arch'] else t['path']}, {t['params']:,} parameters, accuracy {100 * t['accuracy']:.2f}%",
         "",
-        "Partitions (balanced): " + "; ".join(
-            f"K={k}: groups {p['group_sizes']}, modularity {p['modularity']:.3f}" if p["modularity"] is not None
-            else f"K={k}: groups {p['group_sizes']}, modularity n/a"
+        "Partitions (balanced; modularity of the FAN's communities, then of the K groups dealt from them, "
+        "and the filters no community holds): " + "; ".join(
+            f"K={k}: groups {p['group_sizes']}, modularity {_fmt3(p['modularity'])} / {_fmt3(p.get('group_modularity'))}, "
+            f"{p.get('isolated_filters', 'n/a')} isolated"
             for k, p in t["partitions"].items()
         ),
         "",
@@ -538,7 +544,10 @@ def main() -> None:
     part_info = {}
     for k in (2, 4):
         p = Partition.load(partitions[k])
-        part_info[str(k)] = {"group_sizes": p.group_sizes, "modularity": p.modularity}
+        part_info[str(k)] = {"group_sizes": p.group_sizes, "modularity": p.modularity,
+                             "group_modularity": p.stats.get("group_modularity"),
+                             "isolated_filters": p.stats.get("isolated_filters"),
+                             "community_sizes": p.stats.get("community_sizes")}
     teacher_arch = load_teacher(teacher_path).arch
     summary = {
         "dataset": args.dataset,
