@@ -11,7 +11,9 @@ forward, loss, backward and SGD step. Two layouts side by side, alternating pass
 
 - before: NCHW tensors, the teacher under torch.no_grad();
 - after:  channels_last models and batches, the teacher under torch.inference_mode()
-          (what train_students does on CPU, except for models oneDNN mishandles there).
+          (what train_students does on CPU, except for models oneDNN mishandles there);
+- compiled (with --compile): after, with the teacher's forward through torch.compile (its
+          first pass includes the compiling, printed apart; the best pass counts).
 
 It prints each part's time and share of the step, and the whole step's images/s before and
 after with their ratio.
@@ -32,9 +34,12 @@ from nonn.students.layout import to_layout
 from nonn.students.models import create_model
 
 
-def run_pass(layout: str, teacher, students_template, groups, data, args) -> dict[str, float]:
-    """One pass over --images images; seconds spent loading, in the teacher, in the students."""
-    channels_last = layout == "after"
+def run_pass(layout: str, teacher, students_template, groups, data, args, compiled=None) -> dict[str, float]:
+    """One pass over --images images; seconds spent loading, in the teacher, in the students.
+
+    `compiled`: the torch.compile'd teacher forward (x -> logits, feature map) of the "compiled" layout.
+    """
+    channels_last = layout != "before"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     teacher = teacher.to(memory_format=fmt).eval()
     torch.manual_seed(0)
@@ -55,8 +60,11 @@ def run_pass(layout: str, teacher, students_template, groups, data, args) -> dic
         x = to_layout(x, torch.device("cpu"), fmt)  # exact strides: a 1-channel batch fits both layouts
         t1 = time.perf_counter()
         with frozen():
-            t_map = teacher.forward_features(x)
-            t_logits = teacher.forward_head(t_map)
+            if compiled is not None:
+                t_logits, t_map = compiled(x)
+            else:
+                t_map = teacher.forward_features(x)
+                t_logits = teacher.forward_head(t_map)
         t2 = time.perf_counter()
         pooled = [student(x) for student in ensemble.students]
         features = torch.cat(pooled, dim=1)
@@ -87,6 +95,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3, help="alternating passes per layout; the best counts")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also time the teacher's forward through torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, args.data_dir)
@@ -100,23 +109,39 @@ def main() -> None:
     def students_template():
         return build_ensemble(parse_arch_list(args.arch, args.students), groups, data.num_classes, data.input_shape[0], out_hw)
 
+    layouts = ("before", "after", "compiled") if args.compile else ("before", "after")
+    compiled = None
+    if args.compile:
+        cl_teacher = teacher.to(memory_format=torch.channels_last).eval()
+
+        def teacher_forward(x):
+            t_map = cl_teacher.forward_features(x)
+            return cl_teacher.forward_head(t_map), t_map
+
+        compiled = torch.compile(teacher_forward)
     best: dict[str, dict[str, float]] = {}
+    first_teacher_s: dict[str, float] = {}
     for rep in range(args.repeat):
-        for layout in ("before", "after") if rep % 2 == 0 else ("after", "before"):
-            t = run_pass(layout, teacher, students_template, groups, data, args)
+        for layout in layouts if rep % 2 == 0 else layouts[::-1]:
+            t = run_pass(layout, teacher, students_template, groups, data, args, compiled if layout == "compiled" else None)
             step = t["load"] + t["teacher"] + t["students"]
-            print(f"pass {rep + 1} {layout:>6}: {t['images'] / step:7.1f} images/s "
+            first_teacher_s.setdefault(layout, t["teacher"])
+            print(f"pass {rep + 1} {layout:>8}: {t['images'] / step:7.1f} images/s "
                   f"(load {t['load']:.2f} s, teacher {t['teacher']:.2f} s, students {t['students']:.2f} s)", flush=True)
             if layout not in best or step < best[layout]["step"]:
                 best[layout] = {**t, "step": step}
     print(f"\n{args.threads} thread(s), {args.images} images, batch {args.batch_size}, teacher {args.teacher_arch}, "
           f"{args.students} x {args.arch} (best pass of {args.repeat})")
-    print(f"{'layout':>7} {'images/s':>9} {'load':>13} {'teacher':>13} {'students':>13}")
-    for layout in ("before", "after"):
+    print(f"{'layout':>8} {'images/s':>9} {'load':>13} {'teacher':>13} {'students':>13}")
+    for layout in layouts:
         t = best[layout]
         parts = "".join(f" {t[k]:6.2f} s {100 * t[k] / t['step']:3.0f}%" for k in ("load", "teacher", "students"))
-        print(f"{layout:>7} {t['images'] / t['step']:9.1f}{parts}")
+        print(f"{layout:>8} {t['images'] / t['step']:9.1f}{parts}")
     print(f"after / before: {best['before']['step'] / best['after']['step']:.2f}x the images/s")
+    if args.compile:
+        print(f"compiled / after: {best['after']['step'] / best['compiled']['step']:.2f}x the images/s "
+              f"(teacher {best['after']['teacher'] / best['compiled']['teacher']:.2f}x); compiling cost about "
+              f"{first_teacher_s['compiled'] - best['compiled']['teacher']:.0f} s in the first pass")
 
 
 if __name__ == "__main__":
