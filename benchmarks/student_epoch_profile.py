@@ -32,6 +32,7 @@ from nonn.students.ensemble import build_ensemble, parse_arch_list
 from nonn.students.loader import make_loader
 from nonn.students.layout import to_layout
 from nonn.students.models import create_model
+from student_setup import add_setup_args, interleaved_groups
 
 
 def run_pass(layout: str, teacher, students_template, groups, data, args, compiled=None) -> dict[str, float]:
@@ -86,15 +87,7 @@ def run_pass(layout: str, teacher, students_template, groups, data, args, compil
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--teacher-arch", default="wrn-16-2")
-    parser.add_argument("--arch", default="wrn-10-1:width=10", help="student backbone")
-    parser.add_argument("--students", type=int, default=2)
-    parser.add_argument("--images", type=int, default=2048, help="training images per pass")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=3, help="alternating passes per layout; the best counts")
-    parser.add_argument("--threads", type=int, default=1)
+    add_setup_args(parser, repeat=3, repeat_help="alternating passes per layout; the best counts", threads=1)
     parser.add_argument("--compile", action="store_true", help="also time the teacher's forward through torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,7 +95,7 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = create_model(args.teacher_arch, data.num_classes, data.input_shape[0])
     c = teacher.num_features
-    groups = [list(range(k, c, args.students)) for k in range(args.students)]
+    groups = interleaved_groups(c, args.students)
     with torch.no_grad():
         out_hw = tuple(teacher.eval().forward_features(torch.zeros(1, *data.input_shape)).shape[2:])
 

@@ -32,6 +32,7 @@ from nonn.students.loader import make_loader
 from nonn.students.models import create_model
 from nonn.students.precision import synchronize
 from nonn.students.train import StudentsConfig, resolve_device, train_students
+from student_setup import add_setup_args, interleaved_groups
 
 
 def hand_written_pass(teacher, ensemble, optimizer, loader, partition_order, device, alpha, temperature, beta) -> float:
@@ -64,16 +65,8 @@ def hand_written_pass(teacher, ensemble, optimizer, loader, partition_order, dev
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--teacher-arch", default="wrn-16-2")
-    parser.add_argument("--arch", default="wrn-10-1:width=10", help="student backbone")
-    parser.add_argument("--students", type=int, default=2)
-    parser.add_argument("--images", type=int, default=2048, help="training images per pass")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=4, help="alternating passes per side; the best counts")
+    add_setup_args(parser, repeat=4, repeat_help="alternating passes per side; the best counts", threads=2)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -86,7 +79,7 @@ def main() -> None:
         save_checkpoint({"format": "nonn.teacher/1", "arch": teacher.arch, "state_dict": teacher.state_dict(),
                          "dataset": data.meta(), "feature_layer": teacher.feature_layer}, tmp / "teacher.pt")
         c = teacher.num_features
-        groups = [list(range(k, c, args.students)) for k in range(args.students)]
+        groups = interleaved_groups(c, args.students)
         Partition(num_filters=c, groups=groups, strategy="balanced", layer=teacher.feature_layer).save(tmp / "partition.json")
         teacher = teacher.to(device, memory_format=torch.channels_last).eval()
         with torch.no_grad():
