@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from nonn.devices.plan_file import Plan, PlanError
-from nonn.devices.planner import RUNTIME_FOOTPRINT_MB, model_memory_mb
+from nonn.devices.cost_model import RUNTIME_FOOTPRINT_MB, model_memory_mb
 from nonn.runtime.bundle import Bundle
 
 __all__ = [

@@ -9,111 +9,42 @@ energy of one inference, and compares the fleet with
 (a) the teacher on one device (the fleet's largest-memory kind), and
 (b) a layer-wise model-parallel split of the teacher over the same devices, MoDNN-style.
 
-The result is a `Plan` (nonn.devices.plan_file), saved as plan.json.
+The result is a `Plan` (nonn.devices.plan_file), saved as plan.json and shown by
+nonn.devices.plan_text.
 
-The cost model, all per single image (batch 1):
-
-- Memory of a served model = RUNTIME_FOOTPRINT_MB (measured: resident set of `nonn serve`
-  hosting a small student; Python, numpy, ONNX Runtime, grpcio) + 2 x the model's weights (the
-  file bytes read for hashing plus the session's initialisers) + its activation working memory
-  (largest layer input + output, from the manifest). It must fit `memory_mb - reserved_mb`.
-- Compute time = FLOPs / sustained GFLOP/s of the profile (FLOPs as in the manifest: 2 per
-  multiply-accumulate of convolutions and linear layers).
-- Bytes per inference as `nonn.runtime.traffic` defines them (the one definition `simulate`
-  and `infer` measure too): request bytes sent and features sent back = the exact protobuf size
-  of the KServe v2 ModelInfer request/response (tritonclient's generated messages, raw tensor
-  contents); wire bytes add gRPC's 5-byte message prefix and HTTP/2 frame headers (9 bytes per
-  frame; one HEADERS frame per request, HEADERS + trailers per response, HPACK_HEADER_BYTES
-  each for their indexed header blocks).
-- Transfer time = (wire bytes + TCP/IPv4 headers, 52 bytes per MSS-sized segment) x 8 / link
-  bandwidth; each request/response exchange adds one round-trip latency of the link.
-  Acknowledgements and Ethernet framing are not counted.
-- NoNN latency = round trip + all K requests (the image) through the aggregator's link +
-  the slowest device's (compute + response transfer) + the head on the aggregator.
-- Energy of a node = active power x its busy time (compute + its own transfers) + idle power
-  x the rest of the inference.
-- Model-parallel (MoDNN, Mao et al. DATE 2017): every convolution is split spatially across
-  the devices in proportion to their GFLOP/s (so each device holds every convolution's
-  weights); linear layers run on the owner (the device with the fastest link). Around each
-  convolution the owner scatters the input bands and gathers the output bands: the bytes
-  follow from the teacher's per-layer activation shapes in the manifest; halo rows are not
-  counted, which favours model parallelism.
+The cost model (per single image) is nonn.devices.cost_model's.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from nonn.devices.cost_model import (
+    RUNTIME_FOOTPRINT_MB,
+    batch1,
+    compute_seconds,
+    exchange_bytes,
+    model_memory_mb,
+    model_parallel_estimate,
+    teacher_estimate,
+    transfer_seconds,
+)
 from nonn.devices.plan_file import BundleRef, DevicePlan, Estimate, Plan, PlanError, StudentPlacement
 from nonn.devices.profiles import DeviceProfile, load_profiles
-from nonn.runtime.bundle import Bundle, TeacherSummary
-from nonn.runtime.traffic import (
-    DEVICE_FIELDS,
-    FIELDS,
-    HPACK_HEADER_BYTES,
-    TCP_IP_HEADER_BYTES,
-    TCP_MSS,
-    BytesPerInference,
-    column,
-    describe,
-    link_bytes,
-    message_bytes,
-    wire_bytes,
-)
+from nonn.runtime.bundle import Bundle
+from nonn.runtime.traffic import HPACK_HEADER_BYTES, TCP_IP_HEADER_BYTES, TCP_MSS, BytesPerInference
 
 __all__ = [
-    "RUNTIME_FOOTPRINT_MB",
     "PlanError",
     "DevicePlan",
     "Estimate",
     "Plan",
     "place",
     "plan",
-    "model_memory_mb",
-    "exchange_bytes",
-    "format_plan",
-    "format_device_order",
     "simulation_estimates",
 ]
-
-# Resident set size of a `nonn serve` process hosting one small student, measured with psutil
-# on x86-64 Linux (Python 3.11, onnxruntime 1.32, grpcio): 81.6 MB. ARM builds are similar.
-RUNTIME_FOOTPRINT_MB = 82.0
-FLOAT_BYTES = 4
-MB = 1024 * 1024
-
-
-# --------------------------------------------------------------------------- cost model
-
-
-def exchange_bytes(model: str, tensor: str, shape: Sequence[int], datatype: str = "FP32", response: bool = False,
-                   output: str = "output") -> tuple[int, int]:  # fmt: skip
-    """(message bytes, wire bytes) of one ModelInfer request (or reply) carrying one raw tensor."""
-    message = message_bytes(model, tensor, shape, datatype, response, output)
-    return message, wire_bytes(message, response)
-
-
-def _batch1(shape: Sequence[int]) -> list[int]:
-    return [1 if d == -1 else int(d) for d in shape]
-
-
-def model_memory_mb(weight_bytes: float, activation_bytes: float, runtime_mb: float = RUNTIME_FOOTPRINT_MB) -> float:
-    """Memory of a served model: runtime + 2 x weights + activation working memory (see module doc)."""
-    return runtime_mb + (2 * weight_bytes + activation_bytes) / MB
-
-
-def _transfer_s(wire: Sequence[float] | float, profile: DeviceProfile) -> float:
-    """Seconds to send messages of `wire` bytes each (their TCP/IP headers added) over the profile's link."""
-    messages = [wire] if isinstance(wire, (int, float)) else wire
-    return sum(link_bytes(w) for w in messages) * 8 / (profile.link.bandwidth_mbps * 1e6)
-
-
-def _compute_s(flops: float, profile: DeviceProfile) -> float:
-    return flops / (profile.gflops * 1e9)
-
 
 # --------------------------------------------------------------------------- assignment
 
@@ -190,124 +121,6 @@ def _assign(
     )
 
 
-# --------------------------------------------------------------------------- estimates
-
-
-def _teacher_estimate(
-    teacher: TeacherSummary, profile: DeviceProfile, name: str, runtime_mb: float, num_classes: int, input_shape: list[int],
-    input_datatype: str,
-) -> Estimate:
-    """The teacher on one device, taking the images the students take (`input_datatype`)."""
-    memory = model_memory_mb(teacher.params * FLOAT_BYTES, teacher.activation_bytes, runtime_mb)
-    request, request_wire = exchange_bytes("teacher", "image", [1, *input_shape], input_datatype, output="logits")
-    response, response_wire = exchange_bytes("teacher", "logits", [1, num_classes], response=True)
-    compute = _compute_s(teacher.flops, profile)
-    transfer = _transfer_s(request_wire, profile) + _transfer_s(response_wire, profile)
-    latency = profile.link.latency_ms / 1000 + transfer + compute
-    energy = profile.power_w.active * (compute + transfer) + profile.power_w.idle * (latency - compute - transfer)
-    fits = memory <= profile.available_mb
-    return Estimate(
-        name="teacher",
-        devices=1,
-        memory_per_device_mb=memory,
-        model_memory_per_device_mb=memory - runtime_mb,
-        bytes_per_inference=BytesPerInference(request=request, features=response, wire=request_wire + response_wire),
-        latency_ms=latency * 1000,
-        compute_ms=compute * 1000,
-        energy_per_node_mj=energy * 1000,
-        fits=fits,
-        note=f"on one {name}; its bytes are the image sent to it and the logits it sends back (it has no features)"
-        + ("" if fits else f" (does not fit: needs {memory:.0f} MB of {profile.available_mb:.0f} MB)"),
-    )
-
-
-def _model_parallel_estimate(
-    teacher: TeacherSummary, devices: Sequence[DeviceProfile], runtime_mb: float, num_classes: int, input_shape: list[int],
-    input_datatype: str,
-) -> Estimate:
-    D = len(devices)
-    owner = max(range(D), key=lambda d: (devices[d].link.bandwidth_mbps, devices[d].gflops))
-    total_gflops = sum(p.gflops for p in devices)
-    share = [p.gflops / total_gflops for p in devices]
-    others = [d for d in range(D) if d != owner]
-    layers = teacher.layers
-    if not layers:
-        raise PlanError("the bundle's teacher summary lists no layers; re-export the bundle with its teacher")
-    is_conv = [len(layer.output_shape) == 3 for layer in layers]
-    input_elements = 1
-    for dim in input_shape:
-        input_elements *= dim
-
-    sent: list[list[int]] = [[] for _ in range(D)]  # wire bytes of the messages each device sends
-    phases = 0  # scatter/gather phases, each costing half a round trip
-    owner_wire: list[int] = []  # all traffic passes the owner's link
-    between = 0  # message bytes the devices send each other
-    between_wire = 0
-
-    def exchange(elements: int, scatter: bool) -> None:
-        nonlocal phases, owner_wire, between, between_wire
-        phases += 1
-        for d in others:
-            band = max(1, round(elements * share[d]))
-            message, wire = exchange_bytes("layer", "band", [1, band], response=not scatter)
-            sent[owner if scatter else d].append(wire)
-            owner_wire.append(wire)
-            between += message
-            between_wire += wire
-
-    compute_s = 0.0
-    busy_compute = [0.0] * D
-    previous_elements = input_elements
-    for i, layer in enumerate(layers):
-        if is_conv[i]:
-            # The owner scatters the layer's input bands and gathers its output bands.
-            if others:
-                exchange(layer.input_elements or previous_elements, scatter=True)
-                exchange(layer.output_elements, scatter=False)
-            layer_s = layer.flops / (total_gflops * 1e9)
-            compute_s += layer_s
-            for d in range(D):
-                busy_compute[d] += layer_s
-        else:
-            layer_s = _compute_s(layer.flops, devices[owner])
-            compute_s += layer_s
-            busy_compute[owner] += layer_s
-        previous_elements = layer.output_elements
-
-    request, request_wire = exchange_bytes("teacher", "image", [1, *input_shape], input_datatype, output="logits")
-    response, response_wire = exchange_bytes("teacher", "logits", [1, num_classes], response=True)
-    owner_link = devices[owner]
-    comm_s = _transfer_s([*owner_wire, request_wire, response_wire], owner_link) + phases * owner_link.link.latency_ms / 2000
-    latency_s = owner_link.link.latency_ms / 1000 + comm_s + compute_s
-    conv_params = sum(l.params for l, c in zip(layers, is_conv) if c)
-    fc_params = sum(l.params for l, c in zip(layers, is_conv) if not c)
-    memory = [
-        model_memory_mb((conv_params + (fc_params if d == owner else 0)) * FLOAT_BYTES, teacher.activation_bytes * share[d], runtime_mb)
-        for d in range(D)
-    ]
-    energy = []
-    for d in range(D):
-        busy = busy_compute[d] + _transfer_s(sent[d] + ([request_wire, response_wire] if d == owner else []), devices[d])
-        busy = min(busy, latency_s)
-        energy.append(devices[d].power_w.active * busy + devices[d].power_w.idle * (latency_s - busy))
-    fits = all(m <= p.available_mb for m, p in zip(memory, devices))
-    return Estimate(
-        name="model_parallel",
-        devices=D,
-        memory_per_device_mb=max(memory),
-        model_memory_per_device_mb=max(memory) - runtime_mb,
-        bytes_per_inference=BytesPerInference(
-            request=request, features=response, between_devices=between, wire=between_wire + request_wire + response_wire
-        ),
-        latency_ms=latency_s * 1000,
-        compute_ms=compute_s * 1000,
-        energy_per_node_mj=max(energy) * 1000,
-        fits=fits,
-        note=f"MoDNN-style spatial split of {sum(is_conv)} conv layers over {D} devices, {phases} scatter/gather phases; "
-        "its bytes are the image in, the logits back and the layer bands between devices",
-    )
-
-
 def _as_profile(p: Any) -> DeviceProfile:
     if isinstance(p, DeviceProfile):
         return p
@@ -337,10 +150,10 @@ class _StudentCosts:
 
 def _student_costs(bundle: Bundle, devices: Sequence[DeviceProfile], runtime_mb: float) -> _StudentCosts:
     students = bundle.students
-    sent = [exchange_bytes(s.name, s.input.name, _batch1(s.input.shape), s.input.datatype, output=s.output.name) for s in students]
-    back = [exchange_bytes(s.name, s.output.name, _batch1(s.output.shape), s.output.datatype, response=True) for s in students]
-    compute = [[_compute_s(s.flops, p) for p in devices] for s in students]
-    transfer = [[_transfer_s([sent[k][1], back[k][1]], p) for p in devices] for k in range(len(students))]
+    sent = [exchange_bytes(s.name, s.input.name, batch1(s.input.shape), s.input.datatype, output=s.output.name) for s in students]
+    back = [exchange_bytes(s.name, s.output.name, batch1(s.output.shape), s.output.datatype, response=True) for s in students]
+    compute = [[compute_seconds(s.flops, p) for p in devices] for s in students]
+    transfer = [[transfer_seconds([sent[k][1], back[k][1]], p) for p in devices] for k in range(len(students))]
     return _StudentCosts(
         memory=[model_memory_mb(s.size_bytes, s.activation_bytes, runtime_mb) for s in students],
         request=[m for m, _ in sent],
@@ -449,10 +262,10 @@ def plan(
     placed = [c[0] for c in copies]
 
     agg = aggregator or devices[0]
-    head_s = _compute_s(bundle.head.flops, agg)
+    head_s = compute_seconds(bundle.head.flops, agg)
     rtt = max(devices[d].link.latency_ms for d in placed) / 1000
-    fan_out_s = _transfer_s(costs.request_wire + costs.response_wire, agg)
-    slowest = max(compute[k][placed[k]] + _transfer_s(costs.response_wire[k], devices[placed[k]]) for k in range(len(students)))
+    fan_out_s = transfer_seconds(costs.request_wire + costs.response_wire, agg)
+    slowest = max(compute[k][placed[k]] + transfer_seconds(costs.response_wire[k], devices[placed[k]]) for k in range(len(students)))
     latency = rtt + fan_out_s + slowest + head_s
 
     rows: list[DevicePlan] = []
@@ -502,9 +315,9 @@ def plan(
         t_profile = max(devices, key=lambda p: (p.available_mb, p.gflops))
         # The teacher columns take the images the students take, so their bytes compare like for like.
         datatype = bundle.input_contract.datatype
-        teacher_est = _teacher_estimate(bundle.teacher, t_profile, t_profile.name, runtime_mb, bundle.num_classes, input_shape, datatype)
+        teacher_est = teacher_estimate(bundle.teacher, t_profile, t_profile.name, runtime_mb, bundle.num_classes, input_shape, datatype)
         mp_devices = [devices[d] for d in sorted(placed)]  # the same devices the students use
-        mp_est = _model_parallel_estimate(bundle.teacher, mp_devices, runtime_mb, bundle.num_classes, input_shape, datatype)
+        mp_est = model_parallel_estimate(bundle.teacher, mp_devices, runtime_mb, bundle.num_classes, input_shape, datatype)
 
     return Plan(
         bundle=BundleRef.of(bundle),
@@ -528,89 +341,6 @@ def plan(
             "model_parallel": "MoDNN-style spatial split of every conv layer, linear layers on the owner, halos ignored",
         },
     )
-
-
-# --------------------------------------------------------------------------- presentation
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
-def _num(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_device_order(p: Plan) -> str:
-    """Which device serves each student, in the student order `serve --aggregate` and `infer` take."""
-    width = max(len(s.student) for s in p.placement)
-    lines = [f"  {s.student.ljust(width)}  {', '.join(s.devices)}" for s in p.placement]
-    return "device order (student order: give the devices' host:port in this order to serve --aggregate / infer --devices):\n" + "\n".join(lines)
-
-
-def format_plan(p: Plan) -> str:
-    """The plan as terminal tables: per device, the device order, then NoNN vs teacher vs model-parallel."""
-    device_rows = [
-        [
-            r.device,
-            r.student or "(unused)",
-            _num(r.memory_mb),
-            _num(r.available_mb, ".0f"),
-            _num(r.compute_ms, ".2f"),
-            *(_num(getattr(r.bytes_per_inference, f), ".0f") for f in DEVICE_FIELDS),
-            _num(r.energy_mj, ".2f"),
-        ]
-        for r in p.devices
-    ]
-    byte_columns = [column(f) for f in DEVICE_FIELDS]
-    parts = [
-        _table(["device", "student", "memory MB", "avail MB", "compute ms", *byte_columns, "energy mJ"], device_rows),
-        format_device_order(p),
-        *_replication_lines(p),
-        f"fleet latency {p.nonn.latency_ms:.2f} ms per image (head {p.head_ms:.2g} ms on {p.aggregator}); "
-        f"all devices: {describe(p.nonn.bytes_per_inference)}",
-    ]
-    baselines = [b for b in (p.teacher, p.model_parallel) if b is not None]
-    if not baselines:
-        parts.append("no teacher summary in the bundle: no comparison with the teacher or a model-parallel split")
-        return "\n\n".join(parts)
-    ratios = p.ratios()
-    headers = ["", "NoNN"] + [f"{b.name.replace('_', '-')} ({b.devices} dev)" for b in baselines] + [f"{b.name.replace('_', '-')}/NoNN" for b in baselines]
-    rows = []
-    for label, attr, key, spec in (
-        ("memory per device (MB)", "memory_per_device_mb", "memory_per_device", ".1f"),
-        ("  without runtime (MB)", "model_memory_per_device_mb", "model_memory_per_device", ".2f"),
-        ("latency (ms)", "latency_ms", "latency", ".2f"),
-        ("energy per node (mJ)", "energy_per_node_mj", "energy_per_node", ".2f"),
-    ):
-        row = [label, _num(getattr(p.nonn, attr), spec)]
-        row += [_num(getattr(b, attr), spec) for b in baselines]
-        row += [_num(ratios[b.name][key], ".2f") + "x" if ratios[b.name][key] is not None else "-" for b in baselines]
-        rows.append(row)
-    for f in FIELDS:
-        values = [getattr(e.bytes_per_inference, f) for e in (p.nonn, *baselines)]
-        ratio = [None if values[0] in (None, 0) or v is None else v / values[0] for v in values[1:]]
-        rows.append([column(f), *(_num(v, ".0f") for v in values), *("-" if r is None else f"{r:.2f}x" for r in ratio)])
-    parts.append(_table(headers, rows))
-    for b in baselines:
-        parts.append(f"{b.name.replace('_', '-')}: {b.note}" + ("" if b.fits else "  [does not fit]"))
-    return "\n\n".join(parts)
-
-
-def _replication_lines(p: Plan) -> list[str]:
-    """What replicas cost (devices; bytes per inference stay those of one copy, hedges aside) and buy."""
-    replicas = max((len(s.devices) for s in p.placement), default=1)
-    if replicas == 1:
-        return []
-    return [
-        f"replication: {replicas} devices per student, {p.nonn.devices} devices instead of {len(p.placement)}; "
-        f"the same bytes per inference as one copy ({describe(p.nonn.bytes_per_inference)}; up to about 5% more when "
-        "slow replicas are hedged); "
-        f"buys: answers at full accuracy with {replicas - 1} device(s) of every student lost (measure accuracy under "
-        "loss and p99 with `nonn simulate --replicas ... --kill/--slow`)"
-    ]
 
 
 def simulation_estimates(bundle_dir: str | Path, profiles: Sequence[Any], replicas: int = 1) -> dict[str, Any] | None:

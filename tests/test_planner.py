@@ -10,16 +10,10 @@ import pytest
 
 from nonn.artifacts import ArtifactError, sha256_file
 from nonn.cli import main
+from nonn.devices.cost_model import RUNTIME_FOOTPRINT_MB, exchange_bytes, model_memory_mb
 from nonn.devices.plan_file import load_plan
-from nonn.devices.planner import (
-    RUNTIME_FOOTPRINT_MB,
-    PlanError,
-    exchange_bytes,
-    format_plan,
-    model_memory_mb,
-    plan,
-    simulation_estimates,
-)
+from nonn.devices.plan_text import format_plan
+from nonn.devices.planner import PlanError, plan, simulation_estimates
 from nonn.devices.profiles import load_profiles, parse_device_list
 from nonn.runtime.bundle import Bundle, LayerSummary, ModelEntry, StudentEntry, TeacherSummary, TensorSpec
 from nonn.runtime.input_contract import InputContract

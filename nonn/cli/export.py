@@ -97,7 +97,7 @@ def _export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=True,
     )
-    from nonn.runtime.bundle import summarize
+    from nonn.runtime.bundle_check import summarize
 
     for line in summarize(bundle):
         print(line)
@@ -125,7 +125,8 @@ def _pct(value: float | None) -> str:
 def _verify(args: argparse.Namespace) -> int:
     from nonn.artifacts import ArtifactError
     from nonn.deploy.triton import verify_model_repository
-    from nonn.runtime.bundle import Bundle, verify_bundle
+    from nonn.runtime.bundle import Bundle
+    from nonn.runtime.bundle_check import verify_bundle
 
     problems = verify_bundle(args.bundle, check_models=not args.no_run)
     try:
@@ -137,7 +138,7 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"nonn: bundle verify: {problem}", file=sys.stderr)
         print(f"nonn: bundle verify: {args.bundle}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
-    from nonn.runtime.bundle import summarize
+    from nonn.runtime.bundle_check import summarize
 
     for line in summarize(Bundle.load(args.bundle)):
         print(line)
@@ -146,7 +147,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from nonn.devices.planner import RUNTIME_FOOTPRINT_MB, format_plan, plan
+    from nonn.devices.plan_text import format_plan
+    from nonn.devices.cost_model import RUNTIME_FOOTPRINT_MB
+    from nonn.devices.planner import plan
     from nonn.devices.profiles import load_profiles, parse_device_list
     from nonn.runtime.bundle import Bundle
 
