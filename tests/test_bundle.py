@@ -27,8 +27,8 @@ from nonn.runtime.bundle import (  # noqa: E402
     ModelEntry,
     StudentEntry,
     TensorSpec,
-    verify_bundle,
 )
+from nonn.runtime.bundle_check import verify_bundle  # noqa: E402
 from nonn.runtime.input_contract import InputContract  # noqa: E402
 
 INPUT_SHAPE = [1, 4, 4]

@@ -195,7 +195,8 @@ def test_partition_killed_while_writing_leaves_the_previous_one(tmp_path):
 
 @pytest.mark.slow
 def test_export_killed_while_writing_leaves_the_previous_bundle(files, tmp_path):
-    from nonn.runtime.bundle import Bundle, verify_bundle
+    from nonn.runtime.bundle import Bundle
+    from nonn.runtime.bundle_check import verify_bundle
 
     from fleet_testing import make_bundle
 

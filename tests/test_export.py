@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 from nonn.artifacts import sha256_file  # noqa: E402
-from nonn.runtime.bundle import Bundle, verify_bundle  # noqa: E402
+from nonn.runtime.bundle import Bundle  # noqa: E402
+from nonn.runtime.bundle_check import verify_bundle  # noqa: E402
 from nonn.students.ensemble import build_ensemble  # noqa: E402
 from nonn.students.export import (  # noqa: E402
     PARITY_TOLERANCE,
