@@ -12,6 +12,9 @@ tolerance (1e-4, times the largest output magnitude where that exceeds 1, since 
 about seven significant digits) fails the export. `quantize="int8"` adds ONNX Runtime static quantization (QDQ, per-channel weights)
 calibrated on training images, and reports size and accuracy before and after.
 
+One model's export, parity check and quantization are nonn.students.onnx_tools'; sizes and
+FLOPs come from nonn.students.model_profile.
+
 Everything is written inside `nonn.artifacts.atomic_directory`: a failed export leaves no half
 bundle and keeps any previous one.
 
@@ -24,21 +27,16 @@ re-checked with onnx.checker / shape inference and against PyTorch in ONNX Runti
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import io
 import logging
 import shutil
-import warnings
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from onnxruntime.quantization import CalibrationDataReader
 from torch import nn
 
 from nonn import __version__
@@ -48,27 +46,30 @@ from nonn.deploy.writer import write_files
 from nonn.runtime.bundle import (
     TRITON_DIR,
     Bundle,
-    LayerSummary,
     ModelEntry,
     StudentEntry,
     TeacherSummary,
     TensorSpec,
 )
 from nonn.runtime.input_contract import InputContract
+from nonn.students.model_profile import profile_model, teacher_summary
+from nonn.students.onnx_tools import (
+    ExportError,
+    check_parity,
+    compare_with_torch,
+    export_onnx,
+    onnx_accuracy,
+    onnx_session,
+    quantize_int8,
+    run_session,
+    run_torch,
+)
 
 __all__ = [
     "ExportError",
     "INPUT_TYPES",
     "RawPixelInput",
-    "ModelProfile",
     "PARITY_TOLERANCE",
-    "profile_model",
-    "teacher_summary",
-    "export_onnx",
-    "onnx_session",
-    "max_abs_diff",
-    "quantize_int8",
-    "onnx_accuracy",
     "export_bundle",
     "export_from_checkpoint",
 ]
@@ -78,315 +79,7 @@ log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| allowed for an fp32 model (outputs up to 1 in magnitude)
 STUDENT_INPUT, STUDENT_OUTPUT = "image", "features"
 HEAD_INPUT, HEAD_OUTPUT = "features", "logits"
-FLOAT_BYTES = 4
 INPUT_TYPES = {"uint8": "UINT8", "fp32": "FP32"}  # --input-type -> the students' input datatype
-
-
-class ExportError(ValueError):
-    """The export cannot produce a faithful bundle (parity failure, bad model, bad inputs)."""
-
-
-# --------------------------------------------------------------------------- size and cost
-
-
-@dataclass
-class ModelProfile:
-    """Parameters, FLOPs, working memory and per-layer activations of a model for one image.
-
-    FLOPs count 2 per multiply-accumulate of convolutions and linear layers plus their biases;
-    BatchNorm (folded into the convolution at inference), activations, pooling and additions
-    are not counted. `layers` lists every convolution and linear layer in execution order.
-    """
-
-    params: int
-    flops: int
-    activation_bytes: int
-    layers: list[LayerSummary] = field(default_factory=list)
-
-
-def _layer_flops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        macs = out.numel() * (module.in_channels // module.groups) * kh * kw
-        return 2 * macs + (out.numel() if module.bias is not None else 0)
-    if isinstance(module, nn.Linear):
-        rows = out.numel() // module.out_features
-        return 2 * rows * module.in_features * module.out_features + (out.numel() if module.bias is not None else 0)
-    return 0
-
-
-@torch.no_grad()
-def profile_model(model: nn.Module, input_shape: Sequence[int]) -> ModelProfile:
-    """Run one zero image (C, H, W) through `model` with forward hooks and measure it."""
-    layers: list[LayerSummary] = []
-    peak = [0]
-    handles = []
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple, out: Any) -> None:
-            if not isinstance(out, torch.Tensor):
-                return
-            inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            working = out.numel() + (inp.numel() if inp is not None else 0)
-            peak[0] = max(peak[0], working * FLOAT_BYTES)
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                layers.append(
-                    LayerSummary(
-                        name=name,
-                        output_shape=[int(d) for d in out.shape[1:]],
-                        flops=int(_layer_flops(module, inp, out)),
-                        params=int(sum(p.numel() for p in module.parameters(recurse=False))),
-                        input_shape=[int(d) for d in inp.shape[1:]] if inp is not None else None,
-                    )
-                )
-
-        return record
-
-    for name, module in model.named_modules():
-        if not list(module.children()):  # leaf modules only
-            handles.append(module.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        model(torch.zeros(1, *[int(d) for d in input_shape], device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    params = int(sum(p.numel() for p in model.parameters()))
-    return ModelProfile(params=params, flops=int(sum(l.flops for l in layers)), activation_bytes=int(peak[0]), layers=layers)
-
-
-def teacher_summary(
-    teacher: nn.Module,
-    input_shape: Sequence[int],
-    *,
-    arch: Any = None,
-    fingerprint: str | None = None,
-    feature_layer: str | None = None,
-) -> TeacherSummary:
-    """The manifest's teacher record: size, FLOPs and every conv/linear layer's output shape."""
-    prof = profile_model(teacher, input_shape)
-    return TeacherSummary(
-        arch=arch if arch is not None else getattr(teacher, "arch", None),
-        params=prof.params,
-        flops=prof.flops,
-        input_shape=[int(d) for d in input_shape],
-        layers=prof.layers,
-        fingerprint=fingerprint,
-        feature_layer=feature_layer if feature_layer is not None else getattr(teacher, "feature_layer", None),
-        activation_bytes=prof.activation_bytes,
-    )
-
-
-# --------------------------------------------------------------------------- ONNX helpers
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's progress prints and deprecation chatter (errors still raise)."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
-
-
-DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter's lowest opset
-
-
-def export_onnx(
-    module: nn.Module,
-    example: torch.Tensor,
-    path: str | Path,
-    input_name: str,
-    output_name: str,
-    opset: int | None = None,
-) -> None:
-    """Export `module` (one tensor in, one out) with a dynamic batch dimension, then check it.
-
-    The default and any opset >= 18 go through the torch.export-based exporter; an older opset
-    (for older ONNX Runtime builds on devices) through the TorchScript exporter, which still
-    supports it. Either way the result must pass onnx.checker and strict shape inference.
-    """
-    import onnx
-
-    module = module.eval()
-    if opset is not None and int(opset) < 7:
-        raise ExportError(f"--opset {opset}: ONNX Runtime needs opset 7 or newer")
-    try:
-        with _quiet_exporter(), torch.no_grad():
-            if opset is None or int(opset) >= DYNAMO_MIN_OPSET:
-                kwargs: dict[str, Any] = {} if opset is None else {"opset_version": int(opset)}
-                program = torch.onnx.export(
-                    module,
-                    (example,),
-                    None,
-                    input_names=[input_name],
-                    output_names=[output_name],
-                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                    dynamo=True,
-                    verbose=False,
-                    **kwargs,
-                )
-                model = program.model_proto
-            else:
-                buffer = io.BytesIO()
-                torch.onnx.export(
-                    module,
-                    (example,),
-                    buffer,
-                    input_names=[input_name],
-                    output_names=[output_name],
-                    dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-                    opset_version=int(opset),
-                    dynamo=False,
-                )
-                model = onnx.load_from_string(buffer.getvalue())
-    except Exception as exc:  # the exporters raise many types; report them uniformly
-        raise ExportError(f"ONNX export of {type(module).__name__} (opset {opset or 'default'}) failed: {exc}") from exc
-    if opset is not None and _default_opset(model) != int(opset):
-        raise ExportError(f"--opset {opset}: the exporter produced opset {_default_opset(model)} instead")
-    try:
-        onnx.checker.check_model(model, full_check=True)
-        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    except Exception as exc:
-        raise ExportError(f"exported {type(module).__name__} fails onnx.checker / shape inference: {exc}") from exc
-    onnx.save(model, str(path))
-
-
-def _default_opset(model: Any) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def onnx_session(path: str | Path, threads: int = 1):
-    """An ONNX Runtime CPU session with a fixed, small thread count."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _identity(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-def _run_session(session, inputs: np.ndarray, batch_size: int = 256, prepare: Callable[[np.ndarray], np.ndarray] = _identity) -> np.ndarray:
-    """The session's output over `inputs`, `prepare`d batch by batch (memory bounded by the batch)."""
-    name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: prepare(inputs[i : i + batch_size])})[0] for i in range(0, len(inputs), batch_size)]
-    return np.concatenate(outs, axis=0)
-
-
-@torch.no_grad()
-def _run_torch(module: nn.Module, inputs: np.ndarray, batch_size: int = 256, prepare: Callable[[np.ndarray], np.ndarray] = _identity) -> np.ndarray:
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    outs = [module(torch.from_numpy(prepare(inputs[i : i + batch_size])).to(device)).float().cpu().numpy()
-            for i in range(0, len(inputs), batch_size)]
-    return np.concatenate(outs, axis=0)
-
-
-def max_abs_diff(module: nn.Module, onnx_path: str | Path, inputs: np.ndarray, onnx_inputs: np.ndarray | None = None) -> float:
-    """max |ONNX Runtime(onnx_inputs) - PyTorch(inputs)| over all outputs (`onnx_inputs`
-    defaults to `inputs`; a raw-pixel graph gets the pixels PyTorch saw normalised)."""
-    return _parity(module, onnx_path, inputs, onnx_inputs)[0]
-
-
-def _parity(module: nn.Module, onnx_path: str | Path, inputs: np.ndarray, onnx_inputs: np.ndarray | None = None) -> tuple[float, float, np.ndarray]:
-    """(max abs difference, largest PyTorch output magnitude, PyTorch's outputs)."""
-    expected = _run_torch(module.eval(), inputs)
-    actual = _run_session(onnx_session(onnx_path), inputs if onnx_inputs is None else onnx_inputs)
-    if actual.shape != expected.shape:
-        raise ExportError(f"{onnx_path}: ONNX Runtime returns shape {actual.shape}, PyTorch {expected.shape}")
-    if not expected.size:
-        return 0.0, 0.0, expected
-    diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
-    return diff, float(np.max(np.abs(expected))), expected
-
-
-def _check_parity(name: str, diff: float, scale: float, tolerance: float, images: int) -> None:
-    """Fail when the difference reaches `tolerance` (relative to the outputs' magnitude above 1)."""
-    if not diff < tolerance * max(1.0, scale):
-        raise ExportError(
-            f"{name}: ONNX Runtime differs from PyTorch by {diff:.3g} (max abs, outputs up to {scale:.3g}) on {images} inputs; "
-            f"tolerance {tolerance:g}" + (f" x {scale:.3g}" if scale > 1 else "")
-        )
-
-
-class ImageCalibrationReader(CalibrationDataReader):
-    """onnxruntime.quantization CalibrationDataReader over training images, as the model takes them."""
-
-    def __init__(self, input_name: str, images: np.ndarray, batch_size: int = 32) -> None:
-        self.input_name = input_name
-        self.batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-        self.position = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.position >= len(self.batches):
-            return None
-        self.position += 1
-        return {self.input_name: self.batches[self.position - 1]}
-
-    def rewind(self) -> None:
-        self.position = 0
-
-
-def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: np.ndarray) -> None:
-    """Static int8 quantization (QDQ format, per-channel int8 weights, int8 activations)
-    calibrated with MinMax on `calibration` (images as the model takes them, N x C x H x W)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    if len(calibration) == 0:
-        raise ExportError("int8 quantization needs at least one calibration image")
-    reader = ImageCalibrationReader(onnx_session(fp32_path).get_inputs()[0].name, calibration)
-    int8_path = Path(int8_path)
-    prepared = int8_path.with_name(int8_path.stem + ".prep.onnx")
-    root_logger = logging.getLogger()
-    root_level = root_logger.level
-    # The quantizer logs a warning (on the root logger) for every per-channel weight of rank 1,
-    # such as a pre-activation BatchNorm scale, which it then quantizes per tensor instead.
-    root_logger.setLevel(logging.ERROR)
-    try:
-        # Symbolic shape inference + graph optimisation first, as ONNX Runtime recommends.
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
-        quantize_static(
-            str(prepared),
-            str(int8_path),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )
-    finally:
-        root_logger.setLevel(root_level)
-        prepared.unlink(missing_ok=True)
-        for extra in int8_path.parent.glob("augmented_model*.onnx"):
-            extra.unlink(missing_ok=True)
-
-
-def onnx_accuracy(student_paths: Sequence[str | Path], head_path: str | Path, images: np.ndarray, labels: np.ndarray,
-                  prepare: Callable[[np.ndarray], np.ndarray] = _identity) -> float:
-    """Top-1 accuracy of the exported pipeline (all students -> concat -> head) in ONNX Runtime;
-    `prepare` turns a batch of `images` into what the students take."""
-    if len(images) == 0:
-        raise ExportError("accuracy needs at least one image")
-    features = np.concatenate([_run_session(onnx_session(p), images, prepare=prepare) for p in student_paths], axis=1)
-    logits = _run_session(onnx_session(head_path), features.astype(np.float32))
-    return float(np.mean(logits.argmax(axis=1) == labels))
 
 
 # --------------------------------------------------------------------------- the bundle
@@ -520,8 +213,8 @@ def export_bundle(
             path = tmp / f"{name}.onnx"
             bar.set_postfix_str(name)
             export_onnx(RawPixelInput(student, contract) if contract.raw_input else student, example, path, STUDENT_INPUT, STUDENT_OUTPUT, opset)
-            diff, scale, features = _parity(student, path, parity_x, parity_onnx)
-            _check_parity(name, diff, scale, tolerance, len(parity_x))
+            diff, scale, features = compare_with_torch(student, path, parity_x, parity_onnx)
+            check_parity(name, diff, scale, tolerance, len(parity_x))
             prof = profile_model(student, shape)
             spec = getattr(student, "spec", None)
             entries.append(
@@ -549,8 +242,8 @@ def export_bundle(
         bar.set_postfix_str("head")
         head_in = np.concatenate(features_parity, axis=1).astype(np.float32)
         export_onnx(head, torch.from_numpy(head_in[:2]), head_path, HEAD_INPUT, HEAD_OUTPUT, opset)
-        head_diff, head_scale, _ = _parity(head, head_path, head_in)
-        _check_parity("head", head_diff, head_scale, tolerance, len(head_in))
+        head_diff, head_scale, _ = compare_with_torch(head, head_path, head_in)
+        check_parity("head", head_diff, head_scale, tolerance, len(head_in))
         head_prof = profile_model(head, [head.in_features])
         head_entry = ModelEntry(
             name="head",
@@ -568,7 +261,7 @@ def export_bundle(
         metrics: dict[str, Any] = {"parity_images": int(len(parity_x)), "parity_tolerance": tolerance}
         if eval_raw is not None:
             bar.set_postfix_str("accuracy")
-            logits = _run_torch(ensemble, eval_raw, prepare=torch_input)
+            logits = run_torch(ensemble, eval_raw, prepare=torch_input)
             metrics["torch_accuracy"] = float(np.mean(logits.argmax(axis=1) == eval_y))
             metrics["onnx_accuracy"] = onnx_accuracy(model_files, head_path, eval_raw, eval_y, prepare=contract.prepare)
             metrics["eval_images"] = int(len(eval_raw))
@@ -588,7 +281,7 @@ def export_bundle(
                 shutil.move(str(fp32), kept)
                 quantize_int8(kept, fp32, calib_onnx)
                 int8_feature_diffs.append(
-                    float(np.max(np.abs(_run_session(onnx_session(fp32), parity_onnx) - _run_session(onnx_session(kept), parity_onnx))))
+                    float(np.max(np.abs(run_session(onnx_session(fp32), parity_onnx) - run_session(onnx_session(kept), parity_onnx))))
                 )
                 entry.precision = "int8"
                 entry.parity_max_abs_diff = None  # int8 is approximate; its feature error is reported below

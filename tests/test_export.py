@@ -15,13 +15,9 @@ from nonn.artifacts import sha256_file  # noqa: E402
 from nonn.runtime.bundle import Bundle  # noqa: E402
 from nonn.runtime.bundle_check import verify_bundle  # noqa: E402
 from nonn.students.ensemble import build_ensemble  # noqa: E402
-from nonn.students.export import (  # noqa: E402
-    PARITY_TOLERANCE,
-    ExportError,
-    export_bundle,
-    onnx_session,
-    profile_model,
-)
+from nonn.students.export import PARITY_TOLERANCE, ExportError, export_bundle  # noqa: E402
+from nonn.students.model_profile import profile_model  # noqa: E402
+from nonn.students.onnx_tools import onnx_session  # noqa: E402
 from nonn.students.models import create_model  # noqa: E402
 
 torch.set_num_threads(1)
