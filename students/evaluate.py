@@ -186,7 +186,8 @@ def evaluate_students(
     from nonn.students.loader import make_loader
     from nonn.students.normalization import Recorded, teacher_contract
     from nonn.students.teacher import resolve_device
-    from nonn.students.train import check_dataset_matches, load_students
+    from nonn.students.train import load_students
+    from nonn.students.train_setup import check_dataset_matches
 
     dev = resolve_device(device)
     loaded = load_students(students_path, map_location="cpu")

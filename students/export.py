@@ -372,7 +372,8 @@ def export_from_checkpoint(
     complete the bundle's contract.
     """
     from nonn.students.data import resolve_data
-    from nonn.students.train import check_dataset_matches, load_students
+    from nonn.students.train import load_students
+    from nonn.students.train_setup import check_dataset_matches
 
     if calibration_count < 1 or parity_count < 1 or eval_count < 0:
         raise ExportError(

@@ -25,11 +25,10 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -41,7 +40,6 @@ from nonn.students.ensemble import (
     StudentSpec,
     build_ensemble,
     ensemble_from_specs,
-    parse_arch_list,
     sample_presence,
 )
 from nonn.students.evaluate import evaluate_ensemble, student_name
@@ -56,8 +54,9 @@ from nonn.students.distributed import (
     sync_batchnorm,
 )
 from nonn.students.losses import KDLoss, make_transfer_loss
-from nonn.students.precision import PRECISIONS, LossScaler, Precision, synchronize
+from nonn.students.precision import PRECISIONS, Precision, synchronize
 from nonn.students.teacher import resolve_device
+from nonn.students.train_setup import TrainSetup, prepare
 
 __all__ = [
     "FORMAT",
@@ -67,9 +66,6 @@ __all__ = [
     "train_students",
     "load_students",
     "resolve_device",
-    "check_dataset_matches",
-    "random_partition_groups",
-    "TeacherFeatures",
 ]
 
 FORMAT = "nonn.students/1"
@@ -185,209 +181,6 @@ class LoadedStudents:
 
 
 # ----------------------------------------------------------------------------------------------
-# Teacher features by forward hook
-
-
-class TeacherFeatures:
-    """Runs the frozen teacher and captures its final feature map with a forward hook.
-
-    `__call__(x)` returns (logits, feature_map) without building a graph; the teacher stays in
-    eval mode with requires_grad off, and is never modified.
-    """
-
-    def __init__(self, model: nn.Module, layer: str) -> None:
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.module = find_layer(model, layer)
-        self.layer = layer
-        self._captured: Tensor | None = None
-        self._handle = self.module.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        self._captured = output
-
-    @torch.inference_mode()
-    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self._captured = None
-        logits = self.model(x)
-        features = self._captured
-        if not isinstance(features, Tensor) or features.dim() != 4:
-            shape = None if not isinstance(features, Tensor) else tuple(features.shape)
-            raise ValueError(f"teacher layer {self.layer!r} produced {shape}, expected an (N, C, H, W) feature map")
-        return logits, features
-
-    def close(self) -> None:
-        self._handle.remove()
-
-
-def find_layer(model: nn.Module, layer: str) -> nn.Module:
-    """The named sub-module, or a ValueError listing the valid names."""
-    try:
-        return model.get_submodule(layer)
-    except AttributeError:
-        names = [name for name, _ in model.named_modules() if name]
-        shown = ", ".join(names[-12:])
-        raise ValueError(f"teacher has no layer {layer!r}; valid names include: {shown} ({len(names)} in all)") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Inputs: teacher, partition, data set
-
-
-def check_dataset_matches(recorded: dict[str, Any], data: Any, what: str) -> None:
-    """The data set must have the input shape and classes an artifact was trained for."""
-    if not recorded:
-        return
-    shape = recorded.get("input_shape")
-    if shape is not None and tuple(shape) != tuple(data.input_shape):
-        raise ValueError(f"{what} expects images of shape {tuple(shape)}, but data set {data.name!r} has {tuple(data.input_shape)}")
-    classes = recorded.get("num_classes")
-    if classes is not None and int(classes) != int(data.num_classes):
-        raise ValueError(f"{what} expects {classes} classes, but data set {data.name!r} has {data.num_classes}")
-
-
-def _partition_dict(partition: Any) -> dict[str, Any]:
-    if hasattr(partition, "to_dict"):
-        return dict(partition.to_dict())
-    if dataclasses.is_dataclass(partition):
-        return dataclasses.asdict(partition)
-    return dict(partition)
-
-
-def validate_groups(groups: Sequence[Sequence[int]], num_channels: int, source: str) -> list[list[int]]:
-    """Groups must be non-empty, disjoint lists of channel indices below num_channels."""
-    seen: set[int] = set()
-    out = []
-    for k, group in enumerate(groups):
-        group = [int(i) for i in group]
-        if not group:
-            raise ValueError(f"{source}: group {k} is empty")
-        bad = [i for i in group if not 0 <= i < num_channels]
-        if bad:
-            raise ValueError(
-                f"{source}: group {k} names filters {bad[:5]} but the teacher layer has {num_channels} channels "
-                "(was the partition made for another teacher or layer?)"
-            )
-        dup = seen.intersection(group)
-        if dup or len(set(group)) != len(group):
-            raise ValueError(f"{source}: filter groups overlap (filters {sorted(dup)[:5] or group[:5]} appear twice)")
-        seen.update(group)
-        out.append(group)
-    return out
-
-
-def random_partition_groups(sizes: Sequence[int], num_filters: int, seed: int) -> list[list[int]]:
-    """The random-partition ablation: disjoint random groups of the given sizes from all filters."""
-    if sum(sizes) > num_filters:
-        raise ValueError(f"groups of sizes {list(sizes)} need {sum(sizes)} filters, only {num_filters} exist")
-    order = np.random.default_rng(seed).permutation(num_filters)
-    groups, start = [], 0
-    for size in sizes:
-        groups.append(sorted(int(i) for i in order[start : start + size]))
-        start += size
-    return groups
-
-
-@dataclass
-class _Setup:
-    """Everything train_students resolved from the config before training."""
-
-    data: Any
-    teacher: Any  # LoadedTeacher
-    features: TeacherFeatures
-    layer: str
-    num_channels: int
-    out_hw: tuple[int, int]
-    groups: list[list[int]]
-    archs: list[tuple[str, dict[str, Any]]]
-    partition: dict[str, Any]
-    contract: Any  # InputContract
-    teacher_meta: dict[str, Any] = field(default_factory=dict)
-
-
-def _prepare(config: StudentsConfig, device: torch.device) -> _Setup:
-    from nonn.partition import Partition
-    from nonn.students.data import resolve_data
-    from nonn.students.normalization import Recorded, teacher_contract
-    from nonn.students.teacher import load_teacher
-
-    partition = Partition.load(config.partition)
-    part = _partition_dict(partition)
-    groups = [list(g) for g in partition.groups]
-    if config.num_students is not None and config.num_students != len(groups):
-        raise ValueError(
-            f"--num-students {config.num_students} disagrees with {config.partition}, which has {len(groups)} groups"
-        )
-    teacher = load_teacher(config.teacher, factory=config.teacher_factory, weights=config.weights, map_location="cpu")
-    teacher_name = config.teacher or config.teacher_factory
-    recorded = part.get("teacher") or {}
-    recorded_arch = recorded.get("arch")
-    if recorded_arch and teacher.arch and _arch_key(recorded_arch) != _arch_key(teacher.arch):
-        raise ValueError(
-            f"teacher {teacher_name} is a {_arch_key(teacher.arch)} but {config.partition} was made for a "
-            f"{_arch_key(recorded_arch)}"
-        )
-    if recorded.get("fingerprint") and recorded["fingerprint"] != teacher.fingerprint:
-        if not config.force:
-            raise ValueError(
-                f"{config.partition} was made for the teacher with fingerprint {recorded['fingerprint']}, but teacher "
-                f"{teacher.source} has fingerprint {teacher.fingerprint}; partition this teacher, or pass --force to use it anyway"
-            )
-        log.warning("--force: %s was made for teacher %s, training against teacher %s (%s)",
-                    config.partition, recorded["fingerprint"], teacher.fingerprint, teacher.source)
-    data = resolve_data(config.dataset, config.data_dir, config.image_size,
-                        [(partition.data, config.partition), (teacher.dataset, teacher.source)])
-    if teacher.dataset:
-        check_dataset_matches(teacher.dataset, data, what=f"teacher {teacher_name}")
-    partition_contract = [Recorded(partition.contract, str(config.partition))] if partition.input_contract else []
-    contract = teacher_contract(config.normalize, data, teacher, partition_contract)
-    layer = config.layer or part.get("layer") or teacher.feature_layer
-    if not layer:
-        raise ValueError("the teacher's feature layer is unknown: give --layer NAME")
-    model = teacher.model.to(device, memory_format=torch.channels_last)  # forward only: always safe
-    features = TeacherFeatures(model, layer)
-    probe_split = "test" if data.split_size("test") >= 2 else "train"
-    probe = torch.from_numpy(contract.normalize_unit(contract.to_unit(data.read(probe_split, np.arange(2))))).to(device)
-    logits, fmap = features(probe)
-    if logits.shape[-1] != data.num_classes:
-        raise ValueError(f"teacher {teacher_name} predicts {logits.shape[-1]} classes, data set {data.name!r} has {data.num_classes}")
-    num_channels, out_hw = int(fmap.shape[1]), (int(fmap.shape[2]), int(fmap.shape[3]))
-    recorded_filters = part.get("num_filters")
-    if recorded_filters is not None and int(recorded_filters) != num_channels:
-        raise ValueError(
-            f"{config.partition} partitions {recorded_filters} filters but teacher layer {layer!r} has {num_channels} channels"
-        )
-    groups = validate_groups(groups, num_channels, str(config.partition))
-    sizes = [len(g) for g in groups]
-    if config.baseline == "random-partition":
-        groups = random_partition_groups(sizes, num_channels, config.seed)
-    archs = parse_arch_list(config.arch, len(groups))
-    if config.baseline == "single-kd":
-        # One student as large as the largest NoNN student, trained with KD alone.
-        groups = [sorted(max(groups, key=len))]
-        archs = archs[:1]
-    teacher_meta = {
-        "arch": teacher.arch,
-        "factory": teacher.factory,
-        "fingerprint": teacher.fingerprint,
-        "params": int(sum(p.numel() for p in teacher.model.parameters())),
-        "feature_layer": layer,
-        "num_filters": num_channels,
-        "feature_hw": list(out_hw),
-    }
-    return _Setup(data, teacher, features, layer, num_channels, out_hw, groups, archs, part, contract, teacher_meta)
-
-
-def _arch_key(arch: Any) -> str:
-    if isinstance(arch, dict):
-        kwargs = arch.get("kwargs") or {}
-        opts = "".join(f":{k}={v}" for k, v in sorted(kwargs.items()) if k != "dropout")
-        return f"{arch.get('name')}{opts} ({arch.get('num_classes')} classes, {arch.get('in_channels')} channels)"
-    return str(arch)
-
-
-# ----------------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -395,7 +188,7 @@ def _config_dict(config: StudentsConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def _check_resume_settings(saved: dict[str, Any], config: StudentsConfig, setup: _Setup, path: Path) -> None:
+def _check_resume_settings(saved: dict[str, Any], config: StudentsConfig, setup: TrainSetup, path: Path) -> None:
     """A resumed run must have the same training settings, teacher and groups as the saved one."""
     current = _config_dict(config)
     # A setting newer than the checkpoint is missing from its config: it was trained the way that
@@ -543,7 +336,7 @@ def train_students(config: StudentsConfig) -> dict[str, Any]:
 
 
 def _train(config: StudentsConfig, out: Path, info: DistInfo, device: torch.device) -> dict[str, Any]:
-    setup = _prepare(config, device)
+    setup = prepare(config, device)
     saved = _load_raw(out, "cpu") if config.resume else None
     if saved is not None:
         _check_resume_settings(saved, config, setup, out)
