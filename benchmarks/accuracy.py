@@ -396,7 +396,7 @@ def markdown(summary: dict[str, Any]) -> str:
     st = summary["settings"]
     lines = [
         f"NoNN on {summary['dataset']} ({summary['setting']} setting: {st['epochs']} student epochs, "
-        f"{st['train_limit'] or 'all'} training images, activation transfer {summary['activation_transfer']}, "
+        f"batch {st['batch_size']}, lr {st['lr']:g}, {st['train_limit'] or 'all'} training images, activation transfer {summary['activation_transfer']}, "
         f"student dropout {summary['student_dropout']}, seeds {summary['seeds']})",
         "",
         f"Teacher: {t['arch']['name'] if t['arch'] else t['path']}, {t['params']:,} parameters, accuracy {100 * t['accuracy']:.2f}%",
@@ -443,6 +443,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher-epochs", type=int, default=None, help="override the setting's teacher epochs")
     parser.add_argument("--teacher-limit", type=int, default=None, help="override the setting's teacher training images")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on only the first N test images")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the setting's student batch size (128)")
+    parser.add_argument("--lr", type=float, default=None, help="override the setting's student learning rate (0.05)")
     parser.add_argument("--at", choices=("pooled", "spatial"), default="pooled", help="activation-transfer form for NoNN")
     parser.add_argument("--beta", type=float, default=None, help="activation-transfer weight (default per form)")
     parser.add_argument("--student-dropout", type=float, default=0.0,
@@ -478,7 +480,8 @@ def main() -> None:
     args.device = str(resolve_device(args.device))
     setting = QUICK if args.quick else FULL
     overrides = {"epochs": args.epochs, "train_limit": args.limit, "teacher_epochs": args.teacher_epochs,
-                 "teacher_limit": args.teacher_limit, "eval_limit": args.eval_limit}
+                 "teacher_limit": args.teacher_limit, "eval_limit": args.eval_limit, "batch_size": args.batch_size,
+                 "lr": args.lr}
     setting = replace(setting, **{k: v for k, v in overrides.items() if v})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
