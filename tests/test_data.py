@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from nonn.students.data import AugmentSpec, DataError, ImageDataset, load_dataset, read_idx
+from nonn.students.data import AugmentSpec, DataError, ImageDataset, load_dataset
+from nonn.students.dataset_files import read_idx
 from nonn.students.loader import augment_batch, make_loader
 
 
