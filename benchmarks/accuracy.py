@@ -176,7 +176,7 @@ def make_partitions(teacher_path: Path, data: Any, ks: list[int], setting: Setti
     from nonn.partition.api import partition_fan
     from nonn.partition.fan import build_fan
     from nonn.students.loader import make_loader
-    from nonn.students.teacher import load_teacher
+    from nonn.students.teacher_loading import load_teacher
 
     paths = {k: out / f"partition-k{k}.json" for k in ks}
     paths[1] = out / "partition-all.json"
@@ -205,7 +205,7 @@ def make_partitions(teacher_path: Path, data: Any, ks: list[int], setting: Setti
 def teacher_accuracy(teacher_path: Path, data: Any, setting: Setting, device: str) -> tuple[float, int]:
     from nonn.students.evaluate import model_accuracy
     from nonn.students.loader import make_loader
-    from nonn.students.teacher import load_teacher
+    from nonn.students.teacher_loading import load_teacher
 
     teacher = load_teacher(teacher_path)
     dev = torch.device(device)
@@ -215,7 +215,7 @@ def teacher_accuracy(teacher_path: Path, data: Any, setting: Setting, device: st
 
 def teacher_layer_shape(teacher_path: Path, input_shape: tuple[int, ...]) -> tuple[int, tuple[int, int]]:
     """Channels and spatial size of the teacher's feature layer, from one forward pass."""
-    from nonn.students.teacher import load_teacher
+    from nonn.students.teacher_loading import load_teacher
 
     teacher = load_teacher(teacher_path)
     fmap: dict[str, torch.Tensor] = {}
@@ -487,7 +487,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     from nonn.partition import Partition
     from nonn.students.data import load_dataset
-    from nonn.students.teacher import load_teacher
+    from nonn.students.teacher_loading import load_teacher
 
     data = load_dataset(args.dataset, args.data_dir)
     started = time.perf_counter()

@@ -199,7 +199,7 @@ def evaluate_students(
     ensemble = loaded.ensemble.to(dev)
     report = evaluate_ensemble(ensemble, loader, dev, pairs=pairs, progress=progress)
     if teacher is not None or teacher_factory is not None:
-        from nonn.students.teacher import load_teacher
+        from nonn.students.teacher_loading import load_teacher
 
         loaded_teacher = load_teacher(teacher, factory=teacher_factory, weights=weights, map_location="cpu")
         teacher_in = teacher_contract(normalize, data, loaded_teacher, [Recorded(contract, f"students checkpoint {students_path}")], device=dev)

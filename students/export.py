@@ -339,7 +339,7 @@ def _teacher_module(info: dict[str, Any]) -> nn.Module | None:
         return create_model(**arch)
     factory = info.get("factory") or (arch if isinstance(arch, str) else None)
     if isinstance(factory, str):
-        from nonn.students.teacher import load_teacher
+        from nonn.students.teacher_loading import load_teacher
 
         return load_teacher(factory=factory).model
     return None

@@ -26,7 +26,7 @@ from nonn.runtime.input_contract import InputContract, NormalizeSpec, contract_f
 from nonn.students.data import DatasetInfo
 
 if TYPE_CHECKING:
-    from nonn.students.teacher import LoadedTeacher
+    from nonn.students.teacher_loading import LoadedTeacher
 
 __all__ = ["AUTO_IMAGES", "Recorded", "resolve_contract", "teacher_contract", "score_contracts", "near_chance_threshold"]
 

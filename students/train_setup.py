@@ -102,7 +102,7 @@ def prepare(config: StudentsConfig, device: torch.device) -> TrainSetup:
     from nonn.partition import Partition
     from nonn.students.data import resolve_data
     from nonn.students.normalization import Recorded, teacher_contract
-    from nonn.students.teacher import load_teacher
+    from nonn.students.teacher_loading import load_teacher
 
     partition = Partition.load(config.partition)
     part = _partition_dict(partition)

@@ -124,7 +124,7 @@ def byo_factory(tmp_path, monkeypatch):
 def test_cli_partition_bring_your_own_teacher(tmp_path, byo_factory, capsys):
     pytest.importorskip("nonn.students.teacher")
     from nonn.cli import main
-    from nonn.students.teacher import load_factory
+    from nonn.students.teacher_loading import load_factory
 
     torch.manual_seed(0)
     torch.save(load_factory(byo_factory)().state_dict(), tmp_path / "w.pt")

@@ -171,7 +171,7 @@ def test_pickled_code_in_checkpoints_is_refused_and_never_runs(tmp_path, capsys)
 
     from nonn.artifacts import ArtifactError
     from nonn.students.checkpoint import load_checkpoint
-    from nonn.students.teacher import TEACHER_FORMAT, load_teacher
+    from nonn.students.teacher_loading import TEACHER_FORMAT, load_teacher
     from nonn.students.train import load_students
 
     # The payload is live: an unsafe load runs it.

@@ -361,7 +361,7 @@ def test_cli_simulate_runs_the_teacher_for_agreement(tmp_path, capsys):
 
     from nonn.cli import main
     from nonn.students.data import load_dataset
-    from nonn.students.teacher import load_teacher
+    from nonn.students.teacher_loading import load_teacher
 
     data = make_npz(tmp_path / "bars.npz", n_train=48, n_test=24)
     teacher_path = make_teacher(tmp_path / "teacher.pt", data, steps=10)

@@ -13,7 +13,8 @@ from nonn.students.checkpoint import load_checkpoint, save_checkpoint
 from nonn.students.data import load_dataset
 from nonn.students.loader import make_loader
 from nonn.students.models import create_model
-from nonn.students.teacher import TEACHER_FORMAT, TeacherConfig, evaluate, load_teacher, train_teacher
+from nonn.students.teacher import TeacherConfig, evaluate, train_teacher
+from nonn.students.teacher_loading import TEACHER_FORMAT, load_teacher
 
 
 @pytest.fixture(autouse=True)

@@ -173,7 +173,7 @@ def run_teacher(
     import torch
 
     from nonn.students.normalization import Recorded, teacher_contract
-    from nonn.students.teacher import load_teacher
+    from nonn.students.teacher_loading import load_teacher
 
     loaded = load_teacher(teacher, factory=factory, weights=weights)
     recorded = [Recorded(contract, source)] if contract is not None else []

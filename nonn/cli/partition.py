@@ -152,7 +152,8 @@ def _teacher_fan(args: argparse.Namespace) -> tuple[Any, str, dict[str, Any], di
     from nonn.students.data import resolve_data
     from nonn.students.loader import make_loader
     from nonn.students.normalization import teacher_contract
-    from nonn.students.teacher import load_teacher, resolve_device
+    from nonn.students.teacher import resolve_device
+    from nonn.students.teacher_loading import load_teacher
 
     if args.teacher and args.weights:
         raise CLIError("--weights goes with --teacher-factory; --teacher already holds the weights")

@@ -110,7 +110,8 @@ def run_eval_teacher(args: argparse.Namespace) -> int:
     from nonn.students.data import resolve_data
     from nonn.students.loader import make_loader
     from nonn.students.normalization import teacher_contract
-    from nonn.students.teacher import evaluate, load_teacher, resolve_device
+    from nonn.students.teacher import evaluate, resolve_device
+    from nonn.students.teacher_loading import load_teacher
 
     if (args.teacher is None) == (args.teacher_factory is None):
         raise CLIError("give exactly one of --teacher CHECKPOINT or --teacher-factory package.module:function")
