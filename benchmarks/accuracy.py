@@ -45,8 +45,10 @@ from typing import Any
 import torch
 
 from nonn.artifacts import atomic_write_json, atomic_write_text
+from nonn.students.checkpoint import load_checkpoint
 from nonn.students.ensemble import build_ensemble
-from nonn.students.train import StudentsConfig, train_students
+from nonn.students.precision import PRECISIONS
+from nonn.students.train import FORMAT as STUDENTS_FORMAT, StudentsConfig, train_students
 
 log = logging.getLogger("benchmarks.accuracy")
 
@@ -267,7 +269,7 @@ def run_finished(config: StudentsConfig) -> bool:
     path = Path(config.out)
     if not path.is_file():
         return False
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(path, STUDENTS_FORMAT)
     return bool(checkpoint.get("complete")) and checkpoint.get("epoch") == config.epochs
 
 
@@ -450,7 +452,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--student-dropout", type=float, default=0.0,
                         help="student dropout p for every row with several students (default 0)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="students' training precision (auto: by the device, see nonn.students.precision)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (with --jobs > 1: 1 per job)")
     parser.add_argument("--out", default="runs/bench-accuracy", help="directory for checkpoints and results")
@@ -532,8 +534,9 @@ def main() -> None:
     # Seed by seed, rows in the order given: a benchmark cut short still has paired comparisons.
     jobs.sort(key=lambda job: job.seed)
     if args.finished_only:
-        unfinished = [f"{job.row.name} seed {job.seed}" for job in jobs if not run_finished(job.config)]
-        jobs = [job for job in jobs if run_finished(job.config)]
+        finished = [run_finished(job.config) for job in jobs]
+        unfinished = [f"{job.row.name} seed {job.seed}" for job, done in zip(jobs, finished) if not done]
+        jobs = [job for job, done in zip(jobs, finished) if done]
         if unfinished:
             log.warning("summarising finished runs only; not run or not finished: %s", ", ".join(unfinished))
         if not jobs:
