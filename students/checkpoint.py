@@ -7,6 +7,7 @@ and a file can never run code when opened.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import zipfile
@@ -17,7 +18,7 @@ import torch
 
 from nonn.artifacts import ArtifactError, atomic_path
 
-__all__ = ["cpu_state_dict", "save_checkpoint", "load_checkpoint", "load_torch_file"]
+__all__ = ["cpu_state_dict", "save_checkpoint", "load_checkpoint", "load_torch_file", "saved_config"]
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -61,3 +62,19 @@ def load_checkpoint(path: str | os.PathLike[str], expected_format: str, map_loca
         hint = " (a plain state_dict? load it into its model with a factory, e.g. --teacher-factory)" if found is None else ""
         raise ArtifactError(f"{path}: format is {found!r}{hint}, expected {expected_format!r}")
     return obj
+
+
+def saved_config(config_type: type, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """The settings a checkpoint was trained with, for comparing with a resumed run's.
+
+    A setting newer than the checkpoint is missing from its saved config: it was trained the way
+    that setting's default trains (each new setting's default keeps the old behaviour), so the
+    dataclass `config_type`'s defaults fill what is missing.
+    """
+    defaults: dict[str, Any] = {}
+    for f in dataclasses.fields(config_type):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return {**defaults, **(saved or {})}

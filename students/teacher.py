@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from nonn.artifacts import atomic_write_jsonl
 from nonn.runtime.input_contract import parse_normalize
-from nonn.students.checkpoint import cpu_state_dict, load_checkpoint, save_checkpoint
+from nonn.students.checkpoint import cpu_state_dict, load_checkpoint, save_checkpoint, saved_config
 from nonn.students.data import DatasetInfo, load_dataset
 from nonn.students.layout import to_layout, training_memory_format
 from nonn.students.loader import BatchLoader, make_loader
@@ -171,9 +171,7 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TeacherConfig) -> 
 
 
 def _check_resumable(checkpoint: dict[str, Any], config: TeacherConfig, dataset: DatasetInfo, path: Path) -> None:
-    # A setting newer than the checkpoint is missing from its config: it was trained the way
-    # that setting's default trains (each new setting's default keeps the old behaviour).
-    saved = {**TeacherConfig().to_dict(), **checkpoint.get("config", {})}
+    saved = saved_config(TeacherConfig, checkpoint.get("config"))
     current = config.to_dict()
     diffs = [
         f"{key}: checkpoint {saved[key]!r}, now {current[key]!r}"

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from nonn.artifacts import ArtifactError, atomic_write_jsonl
 from nonn.runtime.input_contract import InputContract
-from nonn.students.checkpoint import cpu_state_dict, load_checkpoint, save_checkpoint
+from nonn.students.checkpoint import cpu_state_dict, load_checkpoint, save_checkpoint, saved_config
 from nonn.students.ensemble import (
     StudentEnsemble,
     StudentSpec,
@@ -191,10 +191,7 @@ def _config_dict(config: StudentsConfig) -> dict[str, Any]:
 def _check_resume_settings(saved: dict[str, Any], config: StudentsConfig, setup: TrainSetup, path: Path) -> None:
     """A resumed run must have the same training settings, teacher and groups as the saved one."""
     current = _config_dict(config)
-    # A setting newer than the checkpoint is missing from its config: it was trained the way that
-    # setting's default trains (each new setting's default keeps the old behaviour).
-    defaults = {f.name: f.default for f in dataclasses.fields(StudentsConfig) if f.default is not dataclasses.MISSING}
-    saved_cfg = {**defaults, **(saved.get("config") or {})}
+    saved_cfg = saved_config(StudentsConfig, saved.get("config"))
     diffs = [
         f"{key}: saved {saved_cfg.get(key)!r}, now {current[key]!r}"
         for key in sorted(current)
