@@ -297,12 +297,7 @@ class Plan:
 
 def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan.json (ArtifactError naming the file and the field when it is not one)."""
-    try:
-        obj = read_json_artifact(path, PLAN_FORMAT)
-    except ArtifactError as exc:
-        if "format is 'nonn.plan/" in str(exc):  # a plan from an older nonn
-            raise ArtifactError(f"{exc}: made by an older nonn; run `nonn plan --bundle BUNDLE --fleet ... --out {path}` again") from None
-        raise
+    obj = read_json_artifact(path, PLAN_FORMAT, remake=f"nonn plan --bundle BUNDLE --fleet ... --out {path}")
     return Plan.from_dict(obj, source=str(path))
 
 

@@ -164,11 +164,13 @@ def read_json_artifact(
     path: str | os.PathLike[str],
     expected_format: str,
     validate: Callable[[dict[str, Any]], None] | None = None,
+    remake: str | None = None,
 ) -> dict[str, Any]:
     """Read a JSON artifact and check its `"format"` field (e.g. "nonn.partition/1").
 
     Raises ArtifactError naming the path when the file is missing, is not JSON, or has another
-    format; `validate` may raise further ArtifactErrors for the content.
+    format; `validate` may raise further ArtifactErrors for the content. `remake` (the command
+    that writes the artifact again) is said when the file holds another version of it.
     """
     path = Path(path)
     if not path.is_file():
@@ -179,7 +181,10 @@ def read_json_artifact(
         raise ArtifactError(f"{path}: not valid JSON ({exc}); expected a {expected_format} file") from exc
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise ArtifactError(f"{path}: format is {found!r}, expected {expected_format!r}")
+        family = expected_format.rsplit("/", 1)[0] + "/"
+        older = remake is not None and isinstance(found, str) and found.startswith(family)
+        advice = f": made by an older nonn; run `{remake}` again" if older else ""
+        raise ArtifactError(f"{path}: format is {found!r}, expected {expected_format!r}{advice}")
     if validate is not None:
         validate(obj)
     return obj

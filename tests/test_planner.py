@@ -279,9 +279,6 @@ def test_plan_with_replicas_puts_every_student_on_that_many_devices(tmp_path: Pa
 
 
 def test_a_plan_from_an_older_nonn_says_to_plan_again(tmp_path):
-    from nonn.artifacts import ArtifactError
-    from nonn.devices.plan_file import load_plan
-
     old = tmp_path / "plan.json"
     old.write_text(json.dumps({"format": "nonn.plan/1", "devices": []}))
     with pytest.raises(ArtifactError, match=r"format is 'nonn.plan/1', expected 'nonn.plan/2': made by an older nonn; "
