@@ -25,14 +25,13 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from nonn.students.data import load_dataset
 from nonn.students.ensemble import build_ensemble, parse_arch_list
 from nonn.students.loader import make_loader
 from nonn.students.layout import to_layout
 from nonn.students.models import create_model
-from student_setup import add_setup_args, interleaved_groups
+from student_setup import add_setup_args, interleaved_groups, students_step
 
 
 def run_pass(layout: str, teacher, students_template, groups, data, args, compiled=None) -> dict[str, float]:
@@ -67,15 +66,7 @@ def run_pass(layout: str, teacher, students_template, groups, data, args, compil
                 t_map = teacher.forward_features(x)
                 t_logits = teacher.forward_head(t_map)
         t2 = time.perf_counter()
-        pooled = [student(x) for student in ensemble.students]
-        features = torch.cat(pooled, dim=1)
-        logits = ensemble.head(features)
-        target = F.adaptive_avg_pool2d(t_map, 1).flatten(1)[:, order]
-        kd = F.kl_div(F.log_softmax(logits / 4.0, 1), F.softmax(t_logits / 4.0, 1), reduction="batchmean") * 16.0
-        loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * kd + 1e-4 * F.mse_loss(features, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        students_step(ensemble, optimizer, x, y, t_logits, t_map, order)
         t3 = time.perf_counter()
         times["load"] += t1 - t0
         times["teacher"] += t2 - t1

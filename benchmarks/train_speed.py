@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from nonn.partition import Partition
 from nonn.students.checkpoint import save_checkpoint
@@ -32,7 +31,7 @@ from nonn.students.loader import make_loader
 from nonn.students.models import create_model
 from nonn.students.precision import synchronize
 from nonn.students.train import StudentsConfig, resolve_device, train_students
-from student_setup import add_setup_args, interleaved_groups
+from student_setup import add_setup_args, interleaved_groups, students_step
 
 
 def hand_written_pass(teacher, ensemble, optimizer, loader, partition_order, device, alpha, temperature, beta) -> float:
@@ -47,17 +46,7 @@ def hand_written_pass(teacher, ensemble, optimizer, loader, partition_order, dev
         with torch.inference_mode():
             t_map = teacher.forward_features(x)
             t_logits = teacher.forward_head(t_map)
-        pooled = [student(x) for student in ensemble.students]
-        s = torch.cat(pooled, dim=1)
-        logits = ensemble.head(s)
-        kd = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(t_logits / temperature, 1),
-                      reduction="batchmean", log_target=True) * temperature**2
-        loss = alpha * kd + (1 - alpha) * F.cross_entropy(logits, y)
-        t_p = t_map.mean(dim=(2, 3))[:, partition_order]
-        loss = loss + beta * (F.normalize(s, dim=1) - F.normalize(t_p, dim=1)).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        students_step(ensemble, optimizer, x, y, t_logits, t_map, partition_order, alpha, temperature, beta)
         seen += len(y)
     synchronize(device)
     return seen / (time.perf_counter() - start)
